@@ -1,0 +1,179 @@
+"""MultiTaskModel: a shared BERT backbone, pooling, and one head per task.
+
+``params = {"backbone": <FlaxBertModule params>, "heads": {task: <MLPHead params>}}``.
+``apply`` returns ``(logits_per_task, aux)``; ``aux`` carries the pooled embedding and the
+token states so evaluators and probes reuse them instead of running BERT again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.config import Config
+from mtl_jax.encoder import Backbone, bert_module, l2_normalize, layers_to_run, pool, truncate_params
+from mtl_jax.errors import UserError
+from mtl_jax.heads import TaskHeads
+
+Params = dict[str, Any]
+
+
+class MultiTaskModel(nn.Module):
+    """Shared backbone -> pooled sentence embedding -> per-task logits."""
+
+    bert_config: Any  # transformers.BertConfig of the full model
+    n_layers: int  # encoder layers actually run (from the pooled layer)
+    head_specs: tuple[tuple[str, tuple[int, ...], int, float], ...]
+    pooling: str = "mean"
+    normalize: bool = False
+    dtype: str = "float32"
+    remat: bool = False
+
+    def setup(self):
+        self.backbone = bert_module(self.bert_config, self.n_layers, self.dtype, self.remat)
+        self.heads = TaskHeads(self.head_specs, dtype=jnp.dtype(self.dtype))
+
+    def embed(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Pooled sentence embedding ``[batch, hidden]`` (float32) and token states."""
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        out = self.backbone(
+            input_ids, attention_mask, token_type_ids, deterministic=deterministic
+        )
+        hidden = out.last_hidden_state
+        embedding = pool(hidden, attention_mask, self.pooling)
+        if self.normalize:
+            embedding = l2_normalize(embedding)
+        return embedding, hidden
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        backbone_deterministic: bool | None = None,
+        train_backbone: bool = True,
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Logits per task and ``aux = {"embedding", "hidden"}``.
+
+        ``train_backbone=False`` stops gradients at the pooled embedding so XLA drops the
+        backbone's backward pass when no backbone parameter can change.
+        """
+        if backbone_deterministic is None:
+            backbone_deterministic = deterministic
+        embedding, hidden = self.embed(
+            input_ids, attention_mask, token_type_ids, deterministic=backbone_deterministic
+        )
+        if not train_backbone:
+            embedding = jax.lax.stop_gradient(embedding)
+        logits = self.heads(embedding, deterministic=deterministic)
+        return logits, {"embedding": embedding, "hidden": hidden}
+
+
+def head_specs(config: Config) -> tuple[tuple[str, tuple[int, ...], int, float], ...]:
+    """``(name, hidden, num_labels, dropout)`` per task; every task needs its labels by now."""
+    specs = []
+    for task in config.tasks:
+        if task.num_labels < 2:
+            raise UserError(
+                f"config key 'tasks.{task.name}.labels': unknown; give the labels or a "
+                "train_file to infer them from"
+            )
+        specs.append((task.name, tuple(task.hidden), task.num_labels, float(task.dropout)))
+    return tuple(specs)
+
+
+def build_model(config: Config, backbone: Backbone) -> MultiTaskModel:
+    """The model a config describes, running only the layers its pooled layer needs."""
+    return MultiTaskModel(
+        bert_config=backbone.bert_config,
+        n_layers=layers_to_run(backbone.num_layers, config.model.layer),
+        head_specs=head_specs(config),
+        pooling=config.model.pooling,
+        normalize=config.model.normalize,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+    )
+
+
+def init_params(model: MultiTaskModel, key: jax.Array, backbone: Backbone) -> Params:
+    """Fresh params with the pretrained backbone merged in (random when it has none)."""
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = jax.jit(model.init)(key, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    params = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(params))
+    if backbone.params is not None:
+        pretrained = truncate_params(backbone.params, model.n_layers)
+        params = {**params, "backbone": merge_pretrained(params["backbone"], pretrained)}
+    return params
+
+
+def merge_pretrained(fresh: Params, pretrained: Params, prefix: str = "backbone") -> Params:
+    """``pretrained`` in the structure of ``fresh``; raise on any missing, extra or resized leaf."""
+    fresh_flat = _flatten(fresh)
+    pre_flat = _flatten(pretrained)
+    missing = sorted(set(fresh_flat) - set(pre_flat))
+    extra = sorted(set(pre_flat) - set(fresh_flat))
+    resized = sorted(
+        k for k in set(fresh_flat) & set(pre_flat) if fresh_flat[k].shape != pre_flat[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} (first: {prefix}/{missing[0]})")
+    if extra:
+        problems.append(f"unexpected {len(extra)} (first: {prefix}/{extra[0]})")
+    if resized:
+        k = resized[0]
+        problems.append(
+            f"shape mismatch at {prefix}/{k}: {pre_flat[k].shape} vs {fresh_flat[k].shape}"
+        )
+    if problems:
+        raise UserError("pretrained weights do not fit the model: " + "; ".join(problems))
+    merged = {k: np.asarray(pre_flat[k], dtype=fresh_flat[k].dtype) for k in fresh_flat}
+    return _unflatten(merged)
+
+
+def param_counts(params: Params) -> dict[str, int]:
+    """Parameter count per top-level group and per head (``backbone``, ``heads/<task>``)."""
+    counts = {"backbone": _count(params["backbone"])}
+    for name, head in params["heads"].items():
+        counts[f"heads/{name}"] = _count(head)
+    counts["total"] = _count(params)
+    return counts
+
+
+def _count(tree: Any) -> int:
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
