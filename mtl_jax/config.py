@@ -103,8 +103,22 @@ class DataConfig:
     mixing: str = "proportional"  # proportional | temperature | round_robin
     mixing_temperature: float = 2.0  # for "temperature": weights n ** (1 / T)
     eval_batch_size: int = 64
+    synthetic_train_rows: int = 0  # > 0: train on built-in synthetic rows, not task files
+    synthetic_dev_rows: int = 0  # dev rows of the built-in synthetic data
 
     def validate(self) -> None:
+        _check(
+            self.synthetic_train_rows >= 0,
+            "data.synthetic_train_rows",
+            "an integer >= 0",
+            self.synthetic_train_rows,
+        )
+        _check(
+            self.synthetic_dev_rows >= 0,
+            "data.synthetic_dev_rows",
+            "an integer >= 0",
+            self.synthetic_dev_rows,
+        )
         _check(self.mixing in MIXINGS, "data.mixing", f"one of {MIXINGS}", self.mixing)
         _check(
             len(self.length_buckets) > 0 and all(b > 0 for b in self.length_buckets),
@@ -191,13 +205,13 @@ class TrainConfig:
             "> 0 (or set train.max_steps)",
             self.epochs,
         )
-        _check(
-            self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints
-        )
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
         for name in ("learning_rate", "head_learning_rate", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             _check(value >= 0, f"train.{name}", "a number >= 0", value)
-        _check(0 < self.layer_lr_decay <= 1, "train.layer_lr_decay", "in (0, 1]", self.layer_lr_decay)
+        _check(
+            0 < self.layer_lr_decay <= 1, "train.layer_lr_decay", "in (0, 1]", self.layer_lr_decay
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,10 +302,7 @@ def load_config(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read config file ({exc})") from None
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = tomllib.loads(text)
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
     if not isinstance(data, dict):
@@ -396,9 +407,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
 
     def fail() -> typing.NoReturn:
-        raise UserError(
-            f"{source}: config key '{key}' expects {_type_name(hint)}, got {value!r}"
-        )
+        raise UserError(f"{source}: config key '{key}' expects {_type_name(hint)}, got {value!r}")
 
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

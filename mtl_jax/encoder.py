@@ -162,9 +162,16 @@ def layers_to_run(num_layers: int, layer: int) -> int:
     return layer if layer >= 0 else num_layers + 1 + layer
 
 
-def truncated_bert_config(bert_config: Any, n_layers: int) -> Any:
-    """A copy of ``bert_config`` with only the first ``n_layers`` encoder layers."""
-    config = bert_config.__class__.from_dict(bert_config.to_dict())
+def frozen_bert_config(bert_config: Any) -> str:
+    """A hashable (JSON) form of a ``BertConfig``, so modules holding it can be jit-static."""
+    return bert_config.to_json_string(use_diff=False)
+
+
+def truncated_bert_config(frozen: str, n_layers: int) -> Any:
+    """A ``BertConfig`` from its frozen form, with only the first ``n_layers`` layers."""
+    from transformers import BertConfig
+
+    config = BertConfig.from_dict(json.loads(frozen))
     config.num_hidden_layers = n_layers
     return config
 
@@ -176,12 +183,17 @@ def truncate_params(params: Params, n_layers: int) -> Params:
     return {"embeddings": params["embeddings"], "encoder": {"layer": kept}}
 
 
-def bert_module(bert_config: Any, n_layers: int, dtype: str = "float32", remat: bool = False):
+def bert_module(
+    frozen_config: str,
+    n_layers: int,
+    dtype: str = "float32",
+    remat: bool = False,
+):
     """``FlaxBertModule`` running ``n_layers`` layers, without the pooler."""
     from transformers.models.bert.modeling_flax_bert import FlaxBertModule
 
     return FlaxBertModule(
-        config=truncated_bert_config(bert_config, n_layers),
+        config=truncated_bert_config(frozen_config, n_layers),
         dtype=jnp.dtype(dtype),
         add_pooling_layer=False,
         gradient_checkpointing=remat,
@@ -238,7 +250,9 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Tokenized:
     char_cap = max_length * 64
     capped = [t if len(t) <= char_cap else t[:char_cap] for t in texts]
     encodings = backend.encode_batch(capped)
-    truncated = sum(bool(e.overflowing) or len(t) > char_cap for e, t in zip(encodings, texts))
+    truncated = sum(
+        bool(e.overflowing) or len(t) > char_cap for e, t in zip(encodings, texts, strict=True)
+    )
     ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
     types = [np.asarray(e.type_ids, dtype=np.int32) for e in encodings]
     return Tokenized(ids, types, int(truncated))

@@ -16,7 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.config import Config
-from mtl_jax.encoder import Backbone, bert_module, l2_normalize, layers_to_run, pool, truncate_params
+from mtl_jax.encoder import (
+    Backbone,
+    bert_module,
+    frozen_bert_config,
+    l2_normalize,
+    layers_to_run,
+    pool,
+    truncate_params,
+)
 from mtl_jax.errors import UserError
 from mtl_jax.heads import TaskHeads
 
@@ -26,7 +34,7 @@ Params = dict[str, Any]
 class MultiTaskModel(nn.Module):
     """Shared backbone -> pooled sentence embedding -> per-task logits."""
 
-    bert_config: Any  # transformers.BertConfig of the full model
+    bert_config: str  # frozen_bert_config() (JSON) of the full model
     n_layers: int  # encoder layers actually run (from the pooled layer)
     head_specs: tuple[tuple[str, tuple[int, ...], int, float], ...]
     pooling: str = "mean"
@@ -48,9 +56,7 @@ class MultiTaskModel(nn.Module):
         """Pooled sentence embedding ``[batch, hidden]`` (float32) and token states."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        out = self.backbone(
-            input_ids, attention_mask, token_type_ids, deterministic=deterministic
-        )
+        out = self.backbone(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         hidden = out.last_hidden_state
         embedding = pool(hidden, attention_mask, self.pooling)
         if self.normalize:
@@ -98,7 +104,7 @@ def head_specs(config: Config) -> tuple[tuple[str, tuple[int, ...], int, float],
 def build_model(config: Config, backbone: Backbone) -> MultiTaskModel:
     """The model a config describes, running only the layers its pooled layer needs."""
     return MultiTaskModel(
-        bert_config=backbone.bert_config,
+        bert_config=frozen_bert_config(backbone.bert_config),
         n_layers=layers_to_run(backbone.num_layers, config.model.layer),
         head_specs=head_specs(config),
         pooling=config.model.pooling,
@@ -147,7 +153,7 @@ def merge_pretrained(fresh: Params, pretrained: Params, prefix: str = "backbone"
 def param_counts(params: Params) -> dict[str, int]:
     """Parameter count per top-level group and per head (``backbone``, ``heads/<task>``)."""
     counts = {"backbone": _count(params["backbone"])}
-    for name, head in params["heads"].items():
+    for name, head in params.get("heads", {}).items():
         counts[f"heads/{name}"] = _count(head)
     counts["total"] = _count(params)
     return counts

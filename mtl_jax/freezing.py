@@ -1,0 +1,497 @@
+"""Freezing as data: parameter groups, unfreezing schedules and the optimiser they imply.
+
+A parameter's *group* comes from a list of ``(regex, group)`` rules over its "/"-joined path
+(``backbone/encoder/layer/3/...`` -> ``layer_3``). A freezing *strategy* (the string in
+``TrainConfig.freeze``) becomes a *schedule*: for every group, the optimiser step at which it
+starts training (``0`` = from the start, ``None`` = never). :func:`make_optimizer` turns that
+schedule into one ``optax.multi_transform`` whose labels are the groups:
+
+* a group that never trains gets ``optax.set_to_zero()``: no Adam moments, no weight decay;
+* a group that trains gets AdamW with its own learning rate (layer-wise decay for the
+  backbone, ``head_learning_rate`` for heads and learned loss weights);
+* a group that starts later (gradual unfreezing) is held by :func:`unfreeze_gate`, whose
+  state carries the step counter, so the schedule runs inside one compiled step and never
+  rebuilds the optimiser (which would reset the state of groups already training).
+
+Strategies (``TrainConfig.freeze``):
+
+* ``none``: everything trains.
+* ``all``: nothing trains (an evaluation or a dry run through the training loop).
+* ``backbone``: heads and loss weights train; embeddings and encoder layers are frozen.
+* ``head:<task>``: that task's head is frozen, everything else trains.
+* ``top:<k>``: heads, loss weights and the top ``k`` encoder layers *that the model runs*
+  train. ``k`` counts encoder layers only: the embeddings stay frozen for every ``k`` (use
+  ``none`` to train them). A ``k`` above the layer count trains all layers, because the model
+  often runs fewer layers than its checkpoint has (pooling ``hidden_states[-2]`` of a
+  6-layer MiniLM runs 5), and ``top:6`` written for that checkpoint means "all of them".
+  ``top:0`` is the same as ``backbone``.
+* ``gradual``: ULMFiT-style top-down unfreezing. Heads and loss weights train from step 0;
+  the top encoder layer joins after ``unfreeze_every`` units, the next one after
+  ``2 * unfreeze_every`` and so on; the embeddings join last, one period after the bottom
+  layer. A unit is an epoch (``steps_per_epoch`` steps) or a step (``unfreeze_unit``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_jax.config import TrainConfig
+from mtl_jax.errors import UserError
+
+Rule = tuple[str, str]
+Schedule = dict[str, int | None]
+
+EMBEDDINGS = "embeddings"
+LOSS_WEIGHTS = "loss_weights"
+HEAD_PREFIX = "head:"
+LAYER_PREFIX = "layer_"
+
+# Group templates may refer to regex groups (``\1``), expanded with ``re.Match.expand``.
+DEFAULT_RULES: tuple[Rule, ...] = (
+    (r"^backbone/embeddings/", EMBEDDINGS),
+    (r"^backbone/encoder/layer/(\d+)/", LAYER_PREFIX + r"\1"),
+    (r"^heads/([^/]+)/", HEAD_PREFIX + r"\1"),
+    (r"^log_vars/", LOSS_WEIGHTS),
+)
+
+_LAYER_GROUP = re.compile(rf"^{LAYER_PREFIX}(\d+)$")
+_TOP_STRATEGY = re.compile(r"^top:(.*)$")
+
+
+# -- groups ----------------------------------------------------------------------------------
+
+
+def param_path(path: Sequence[Any]) -> str:
+    """The "/"-joined name of a pytree key path, as the freezing rules see it."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def group_of(path: str, rules: Sequence[Rule] = DEFAULT_RULES) -> str:
+    """The group of one parameter path; exactly one rule must match it.
+
+    Raises:
+        UserError: no rule or more than one rule matches, naming the path and the rules, so
+            a new parameter can never silently fall into the wrong (or no) group.
+    """
+    matches = [(pattern, group, m) for pattern, group in rules if (m := re.search(pattern, path))]
+    if not matches:
+        patterns = ", ".join(pattern for pattern, _ in rules)
+        raise UserError(f"parameter '{path}' matches no freezing rule (rules: {patterns})")
+    if len(matches) > 1:
+        patterns = ", ".join(pattern for pattern, _, _ in matches)
+        raise UserError(f"parameter '{path}' matches several freezing rules: {patterns}")
+    _, group, match = matches[0]
+    return match.expand(group)
+
+
+def param_groups(params: Any, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
+    """A pytree of group names with the structure of ``params``.
+
+    These are also the labels of :func:`make_optimizer`'s ``optax.multi_transform``.
+
+    Args:
+        params: the parameter pytree (nested dicts of arrays).
+        rules: ``(regex, group)`` pairs over "/"-joined paths; every parameter must match
+            exactly one.
+
+    Returns:
+        The same tree with each leaf replaced by its group name.
+    """
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(param_path(p), rules), params)
+
+
+def group_names(groups: Any) -> tuple[str, ...]:
+    """The distinct group names of a group tree, sorted."""
+    return tuple(sorted(set(jax.tree.leaves(groups))))
+
+
+def layer_index(group: str) -> int | None:
+    """``i`` for an encoder layer group ``layer_<i>``, else None."""
+    match = _LAYER_GROUP.match(group)
+    return int(match.group(1)) if match else None
+
+
+def _is_head_side(group: str) -> bool:
+    return group.startswith(HEAD_PREFIX) or group == LOSS_WEIGHTS
+
+
+def _layers_top_down(groups: Iterable[str]) -> list[str]:
+    """Encoder layer groups, the top layer (highest index) first."""
+    layers = [g for g in groups if layer_index(g) is not None]
+    return sorted(layers, key=layer_index, reverse=True)
+
+
+def _check_known(groups: Iterable[str], strategy: str) -> None:
+    for group in groups:
+        if not (_is_head_side(group) or group == EMBEDDINGS or layer_index(group) is not None):
+            raise UserError(
+                f"freezing strategy '{strategy}' does not know parameter group '{group}' "
+                f"(known: {EMBEDDINGS}, {LAYER_PREFIX}<i>, {HEAD_PREFIX}<task>, {LOSS_WEIGHTS})"
+            )
+
+
+# -- strategies ------------------------------------------------------------------------------
+
+
+def unfreeze_schedule(strategy: str, groups: Iterable[str], every_steps: int = 1) -> Schedule:
+    """The step at which each group starts training under a named strategy.
+
+    Args:
+        strategy: ``none | all | backbone | head:<task> | top:<k> | gradual``.
+        groups: the group names present in the params.
+        every_steps: for ``gradual``, steps between two unfreezings (already converted from
+            epochs by the caller).
+
+    Returns:
+        ``{group: step}``; ``0`` trains from the start, ``None`` never trains.
+
+    Raises:
+        UserError: an unknown strategy, a bad ``k``, a ``head:<task>`` with no such head, or
+            a group the strategy cannot place.
+    """
+    groups = sorted(set(groups))
+    if strategy == "none":
+        return dict.fromkeys(groups, 0)
+    if strategy == "all":
+        return dict.fromkeys(groups, None)
+    _check_known(groups, strategy)
+    if strategy == "backbone":
+        return {g: 0 if _is_head_side(g) else None for g in groups}
+    if strategy.startswith(HEAD_PREFIX):
+        if strategy not in groups:
+            heads = [g for g in groups if g.startswith(HEAD_PREFIX)]
+            raise UserError(f"config key 'train.freeze': '{strategy}' is not one of {heads}")
+        return {g: None if g == strategy else 0 for g in groups}
+    if match := _TOP_STRATEGY.match(strategy):
+        k = _parse_top_k(match.group(1), strategy)
+        trained = set(_layers_top_down(groups)[:k])
+        return {g: 0 if _is_head_side(g) or g in trained else None for g in groups}
+    if strategy == "gradual":
+        if every_steps < 1:
+            raise ValueError(f"gradual unfreezing needs every_steps >= 1, got {every_steps}")
+        schedule: Schedule = {g: 0 for g in groups if _is_head_side(g)}
+        layers = _layers_top_down(groups)
+        for rank, group in enumerate(layers):
+            schedule[group] = (rank + 1) * every_steps
+        if EMBEDDINGS in groups:
+            schedule[EMBEDDINGS] = (len(layers) + 1) * every_steps
+        return {g: schedule[g] for g in groups}
+    raise UserError(
+        f"config key 'train.freeze': unknown strategy {strategy!r} "
+        "(none | all | backbone | head:<task> | top:<k> | gradual)"
+    )
+
+
+def _parse_top_k(text: str, strategy: str) -> int:
+    if not text.isdigit():
+        raise UserError(
+            f"config key 'train.freeze': '{strategy}' needs a whole number of layers >= 0, "
+            "e.g. top:2"
+        )
+    return int(text)
+
+
+def every_steps(train_cfg: TrainConfig, steps_per_epoch: int | None) -> int:
+    """Steps between two gradual unfreezings, converting epochs with ``steps_per_epoch``."""
+    if train_cfg.unfreeze_unit == "steps":
+        return train_cfg.unfreeze_every
+    if train_cfg.freeze == "gradual" and (steps_per_epoch is None or steps_per_epoch < 1):
+        raise ValueError(
+            f"gradual unfreezing every N epochs needs steps_per_epoch >= 1, got {steps_per_epoch}"
+        )
+    return train_cfg.unfreeze_every * max(steps_per_epoch or 1, 1)
+
+
+def freeze_schedule(
+    train_cfg: TrainConfig,
+    params: Any,
+    steps_per_epoch: int | None = None,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+) -> Schedule:
+    """:func:`unfreeze_schedule` for a config's strategy and the groups present in ``params``."""
+    names = group_names(param_groups(params, rules))
+    return unfreeze_schedule(train_cfg.freeze, names, every_steps(train_cfg, steps_per_epoch))
+
+
+def trainable_mask(
+    params: Any,
+    train_cfg: TrainConfig,
+    step: int,
+    steps_per_epoch: int | None = None,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+) -> Any:
+    """Which parameters train at optimiser step ``step``: a bool pytree shaped like ``params``.
+
+    For reporting and tests; the optimiser itself reads the same schedule through
+    :func:`make_optimizer`.
+    """
+    schedule = freeze_schedule(train_cfg, params, steps_per_epoch, rules)
+    return jax.tree.map(
+        lambda g: schedule[g] is not None and step >= schedule[g], param_groups(params, rules)
+    )
+
+
+def backbone_trainable(train_cfg: TrainConfig) -> bool:
+    """False when no backbone group can ever train under the config's strategy.
+
+    The model then stops gradients at the pooled embedding, and XLA drops the backbone's
+    backward pass instead of computing gradients ``set_to_zero`` would throw away.
+    """
+    strategy = train_cfg.freeze
+    if strategy in ("all", "backbone"):
+        return False
+    if match := _TOP_STRATEGY.match(strategy):
+        return _parse_top_k(match.group(1), strategy) > 0
+    return True
+
+
+# -- learning rates --------------------------------------------------------------------------
+
+
+def group_learning_rates(train_cfg: TrainConfig, groups: Iterable[str]) -> dict[str, float]:
+    """Peak learning rate per group.
+
+    Encoder layer ``i`` gets ``learning_rate * layer_lr_decay ** (top - i)`` where ``top`` is
+    the highest layer present, and the embeddings one step below the bottom layer
+    (``decay ** (top + 1)``): lower layers hold more general features and move less. Heads
+    and learned loss weights get ``head_learning_rate``.
+    """
+    groups = sorted(set(groups))
+    indices = [i for g in groups if (i := layer_index(g)) is not None]
+    top = max(indices, default=-1)
+    rates = {}
+    for group in groups:
+        if _is_head_side(group):
+            rates[group] = train_cfg.head_learning_rate
+        elif (i := layer_index(group)) is not None:
+            rates[group] = train_cfg.learning_rate * train_cfg.layer_lr_decay ** (top - i)
+        elif group == EMBEDDINGS:
+            rates[group] = train_cfg.learning_rate * train_cfg.layer_lr_decay ** (top + 1)
+        else:
+            _check_known([group], train_cfg.freeze)
+    return rates
+
+
+def lr_factor(train_cfg: TrainConfig, total_steps: int | None = None) -> optax.Schedule:
+    """Multiplier in ``[0, 1]`` of every peak rate: linear warm-up, then the chosen decay.
+
+    ``linear`` and ``cosine`` reach 0 at ``total_steps``; ``constant`` holds 1.
+    """
+    warmup = train_cfg.warmup_steps
+    if train_cfg.lr_schedule == "constant":
+        decay = optax.constant_schedule(1.0)
+    else:
+        if not total_steps or total_steps < 1:
+            raise ValueError(
+                f"lr_schedule '{train_cfg.lr_schedule}' needs total_steps >= 1, got {total_steps}"
+            )
+        span = max(total_steps - warmup, 1)
+        if train_cfg.lr_schedule == "linear":
+            decay = optax.linear_schedule(1.0, 0.0, span)
+        elif train_cfg.lr_schedule == "cosine":
+            decay = optax.cosine_decay_schedule(1.0, span)
+        else:
+            raise UserError(
+                f"config key 'train.lr_schedule': unknown {train_cfg.lr_schedule!r} "
+                "(constant | linear | cosine)"
+            )
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: no decay on biases, LayerNorm scales or scalars."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+# -- the gate --------------------------------------------------------------------------------
+
+
+class GateState(NamedTuple):
+    """State of :func:`unfreeze_gate`."""
+
+    count: jax.Array  # int32: optimiser updates applied so far (the schedule's clock)
+    grad_norm: jax.Array  # float32: global norm of the trainable gradient, before clipping
+    inner_state: optax.OptState
+
+
+def _is_open(count: jax.Array, start: int | None) -> bool | jax.Array:
+    """Python constants where the answer is static, so always-open groups cost nothing."""
+    if start is None:
+        return False
+    if start <= 0:
+        return True
+    return count >= start
+
+
+def _apply_gates(tree: Any, labels: Any, gates: Mapping[str, bool | jax.Array]) -> Any:
+    """Zero the leaves of closed groups (``where``, so a NaN in a frozen group stays out)."""
+
+    def gate(x, label):
+        is_open = gates.get(label, False)
+        if is_open is True:
+            return x
+        if is_open is False:
+            return jnp.zeros_like(x)
+        return jnp.where(is_open, x, jnp.zeros_like(x))
+
+    return jax.tree.map(gate, tree, labels)
+
+
+def unfreeze_gate(
+    inner: optax.GradientTransformation,
+    labels: Any,
+    starts: Mapping[str, int | None],
+    clip_norm: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Gate each group's gradient and update by ``count >= starts[group]``.
+
+    The counter lives in the state as an array while the start steps are Python constants,
+    so unfreezing a group changes values, not the traced program: no recompilation, and the
+    state of groups already training carries on. Gated gradients are zeroed *before* the
+    global-norm clip, so frozen and not-yet-unfrozen groups never shrink the clip of the
+    trainable ones. ``inner`` receives the counter as the extra argument ``gate_count``
+    (see :func:`hold_until`).
+
+    Args:
+        inner: the per-group transformation (usually an ``optax.multi_transform``).
+        labels: group name per parameter, the structure of the params.
+        starts: step at which each group opens; ``None`` or a missing group never opens.
+        clip_norm: clip the trainable gradient to this global norm; ``0`` = off.
+
+    Returns:
+        A transformation whose state is a :class:`GateState`.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return GateState(
+            count=jnp.zeros([], jnp.int32),
+            grad_norm=jnp.zeros([], jnp.float32),
+            inner_state=inner.init(params),
+        )
+
+    def update(grads, state, params=None, **extra_args):
+        gates = {group: _is_open(state.count, start) for group, start in starts.items()}
+        grads = _apply_gates(grads, labels, gates)
+        norm = optax.global_norm(grads)
+        if clip_norm > 0:
+            scale = jnp.where(norm < clip_norm, 1.0, clip_norm / jnp.maximum(norm, 1e-30))
+            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        updates, inner_state = inner.update(
+            grads, state.inner_state, params, gate_count=state.count, **extra_args
+        )
+        updates = _apply_gates(updates, labels, gates)
+        count = optax.safe_int32_increment(state.count)
+        return updates, GateState(count, norm.astype(jnp.float32), inner_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def hold_until(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+    """Keep ``inner``'s state untouched (and its update zero) until ``gate_count >= start``.
+
+    Feeding zeros to Adam while a group waits would still advance its step count, and the
+    bias correction of a layer unfrozen late would then inflate its first updates many
+    times over. Holding the state instead gives the group a fresh Adam when it opens.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update(updates, state, params=None, *, gate_count=None, **extra_args):
+        if gate_count is None:
+            raise ValueError("hold_until must run inside unfreeze_gate (no gate_count given)")
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        is_open = gate_count >= start
+        new_state = jax.tree.map(lambda n, o: jnp.where(is_open, n, o), new_state, state)
+        new_updates = jax.tree.map(lambda u: jnp.where(is_open, u, jnp.zeros_like(u)), new_updates)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def _shifted(factor: optax.Schedule, peak: float, start: int) -> Callable[[jax.Array], jax.Array]:
+    """A group's rate by its own Adam count, which starts at 0 when the group opens."""
+    return lambda count: peak * factor(count + start)
+
+
+# -- the optimiser ---------------------------------------------------------------------------
+
+
+def make_optimizer(
+    train_cfg: TrainConfig,
+    params: Any,
+    steps_per_epoch: int | None = None,
+    total_steps: int | None = None,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+) -> optax.GradientTransformationExtraArgs:
+    """The whole optimiser a config describes, as one pure ``optax`` transformation.
+
+    ``unfreeze_gate(multi_transform({group: tx}, groups))`` with, per group:
+    ``set_to_zero()`` when it never trains (no state, no decay); AdamW (decoupled decay on
+    matrices only, inside the branch so a frozen group is never decayed) with a warm-up and
+    decay schedule scaled by the group's peak rate when it trains; and the same wrapped in
+    :func:`hold_until` when it starts later. All groups follow one global schedule clock.
+
+    Args:
+        train_cfg: rates, decay, schedule, clip and freezing strategy.
+        params: the params it will optimise (their structure fixes the labels; add
+            ``log_vars`` before calling this).
+        steps_per_epoch: converts ``unfreeze_every`` epochs to steps (gradual only).
+        total_steps: where a ``linear`` or ``cosine`` schedule reaches 0.
+        rules: the parameter group rules.
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs``; its state is a :class:`GateState`.
+    """
+    groups = param_groups(params, rules)
+    names = group_names(groups)
+    starts = unfreeze_schedule(train_cfg.freeze, names, every_steps(train_cfg, steps_per_epoch))
+    trained = [g for g in names if starts[g] is not None]
+    rates = group_learning_rates(train_cfg, trained)
+    factor = lr_factor(train_cfg, total_steps) if trained else None
+    transforms = {}
+    for group in names:
+        start = starts[group]
+        if start is None:
+            transforms[group] = optax.set_to_zero()
+            continue
+        tx = optax.adamw(
+            _shifted(factor, rates[group], start),
+            weight_decay=train_cfg.weight_decay,
+            mask=decay_mask,
+        )
+        transforms[group] = hold_until(tx, start) if start > 0 else tx
+    inner = optax.multi_transform(transforms, groups)
+    return unfreeze_gate(inner, groups, starts, clip_norm=train_cfg.grad_clip)
+
+
+def group_opt_states(opt_state: Any) -> dict[str, Any]:
+    """Per-group optimiser state of a :func:`make_optimizer` state (for inspection)."""
+    return dict(gate_state(opt_state).inner_state.inner_states)
+
+
+def gate_state(opt_state: Any) -> GateState:
+    """The :class:`GateState` inside an optimiser state, however it is wrapped."""
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GateState))
+        if isinstance(s, GateState)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"expected one GateState in the optimiser state, found {len(found)}")
+    return found[0]

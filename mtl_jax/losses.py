@@ -1,0 +1,75 @@
+"""Multi-task losses over partially labelled batches.
+
+A mixed batch carries every task's label column, with ``-1`` where a row has no label for
+that task. Each task's cross-entropy is a mean over its *labelled* rows only, so a task's
+loss scale does not depend on how many rows of the batch happen to belong to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross-entropy over the rows whose label is not ``-1``.
+
+    Args:
+        logits: ``[batch, num_labels]``.
+        labels: ``[batch]`` int, ``-1`` = no label for this row.
+
+    Returns:
+        ``(loss, n_labelled)``: the float32 mean over labelled rows (``0`` when there are
+        none, with a zero gradient rather than a NaN) and the int32 count of those rows.
+    """
+    mask = labels >= 0
+    safe_labels = jnp.where(mask, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+    n = mask.sum().astype(jnp.int32)
+    total = jnp.where(mask, ce, 0.0).sum()
+    return total / jnp.maximum(n, 1).astype(jnp.float32), n
+
+
+def multitask_loss(
+    logits: Mapping[str, jax.Array],
+    labels: Mapping[str, jax.Array],
+    weights: Mapping[str, float],
+    log_vars: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted sum of the per-task losses, optionally with learned uncertainty weights.
+
+    Fixed weights: ``total = sum_t w_t * CE_t``.
+
+    Uncertainty weighting (Kendall, Gal & Cipolla 2018, classification form): with
+    ``s_t = log sigma_t^2`` learned per task,
+    ``total = sum_t w_t * [n_t > 0] * (exp(-s_t) * CE_t + s_t / 2)``. The ``s_t / 2`` term
+    (``log sigma_t``) stops every ``s_t`` from growing without bound; its optimum is
+    ``exp(-s_t) = 1 / (2 CE_t)``, so a task with a large loss is down-weighted. A task with
+    no labelled row in the batch contributes nothing, not even its ``s_t / 2``, which would
+    otherwise drag ``s_t`` down on batches that say nothing about that task. ``w_t``
+    (``TaskConfig.loss_weight``) stays a fixed prior on top; ``w_t = 0`` switches a task off.
+
+    Args:
+        logits: ``{task: [batch, num_labels]}``; every task here needs labels and a weight.
+        labels: ``{task: [batch]}`` int, ``-1`` = missing.
+        weights: ``{task: w_t}``.
+        log_vars: ``{task: s_t}`` scalars (``params["log_vars"]``), or None for fixed weights.
+
+    Returns:
+        ``(total, {task: CE_t})`` with ``CE_t`` the unweighted masked mean cross-entropy.
+    """
+    total = jnp.zeros([], jnp.float32)
+    per_task = {}
+    for task, task_logits in logits.items():
+        ce, n = masked_cross_entropy(task_logits, labels[task])
+        per_task[task] = ce
+        if log_vars is None:
+            term = ce
+        else:
+            s = jnp.asarray(log_vars[task], jnp.float32)
+            term = jnp.where(n > 0, jnp.exp(-s) * ce + 0.5 * s, 0.0)
+        total = total + weights[task] * term
+    return total, per_task

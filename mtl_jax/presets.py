@@ -1,0 +1,66 @@
+"""Built-in configs by name: ``demo`` (synthetic data, the README's main job) and ``real``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from mtl_jax.config import Config, DataConfig, ModelConfig, TrainConfig, default_tasks
+from mtl_jax.errors import UserError
+
+DATA_DIR_ENV = "MTL_JAX_DATA"
+
+
+def demo() -> Config:
+    """Both tasks on built-in synthetic sentences, frozen MiniLM: a couple of minutes on CPU."""
+    return Config(
+        model=ModelConfig(backbone="minilm", max_length=64, backbone_dropout=False),
+        tasks=default_tasks(),
+        data=DataConfig(synthetic_train_rows=2000, synthetic_dev_rows=500),
+        train=TrainConfig(
+            freeze="backbone",
+            epochs=3,
+            batch_size=32,
+            head_learning_rate=2e-3,
+            eval_every=1000,
+            checkpoint_every=1000,
+            log_every=20,
+        ),
+    )
+
+
+def real(data_dir: str | Path | None = None) -> Config:
+    """Brown fiction genres + SST-2 sentiment from ``../shared/data`` (or ``$MTL_JAX_DATA``).
+
+    One dataset per task: each batch mixes both sources and each task's loss averages over
+    the rows that carry its label.
+    """
+    directory = Path(data_dir or os.environ.get(DATA_DIR_ENV) or "../shared/data")
+    genre, sentiment = default_tasks()
+    tasks = (
+        dataclasses.replace(
+            genre,
+            train_file=str(directory / "brown_genre" / "train.tsv"),
+            dev_file=str(directory / "brown_genre" / "dev.tsv"),
+        ),
+        dataclasses.replace(
+            sentiment,
+            train_file=str(directory / "sst2" / "train.tsv"),
+            dev_file=str(directory / "sst2" / "dev.tsv"),
+        ),
+    )
+    return Config(
+        model=ModelConfig(backbone="minilm", max_length=128),
+        tasks=tasks,
+        train=TrainConfig(freeze="none", epochs=3, batch_size=32, warmup_steps=200, eval_every=500),
+    )
+
+
+PRESETS = {"demo": demo, "real": real}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"--preset: unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
