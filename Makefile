@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) scripts/demo.py --workdir $(RUN)
+	$(PY) scripts/task4_train.py --workdir $(RUN)
 
 test: setup
 	$(PY) -m pytest

@@ -449,3 +449,29 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The events of ``<workdir>/metrics.jsonl`` (a line cut by a kill is skipped)."""
+    path = Path(workdir) / "metrics.jsonl"
+    events = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
+
+
+def epoch_summaries(workdir: str | Path) -> list[dict[str, Any]]:
+    """Per epoch: the last train event (loss, accuracy) merged with the dev scores."""
+    rows: dict[int, dict[str, Any]] = {}
+    for event in read_metrics(workdir):
+        if float(event["epoch"]).is_integer():
+            row = rows.setdefault(int(event["epoch"]), {"epoch": int(event["epoch"])})
+            prefix = "" if event["split"] == "train" else "dev "
+            for key, value in event.items():
+                if key not in ("step", "epoch", "split"):
+                    row[prefix + key] = value
+    return [rows[k] for k in sorted(rows)]

@@ -155,3 +155,93 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.asarray(jnp.asarray(a) / jnp.linalg.norm(a, axis=-1, keepdims=True))
     b = np.asarray(jnp.asarray(b) / jnp.linalg.norm(b, axis=-1, keepdims=True))
     return a @ b.T
+
+
+# -- a trained run, restored for inference ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A run restored for inference: config with labels, model, params, tokenizer."""
+
+    config: Any  # mtl_jax.config.Config
+    model: MultiTaskModel
+    params: Params
+    tokenizer: Any
+    step: int
+
+    def encoder(self, normalize: bool = False, max_length: int | None = None) -> SentenceEncoder:
+        """The fine-tuned backbone as a :class:`SentenceEncoder` (its layer and pooling)."""
+        model = dataclasses.replace(self.model, head_specs=(), normalize=normalize)
+        max_length = max_length or self.config.model.max_length
+        return SentenceEncoder(
+            model, {"backbone": self.params["backbone"]}, self.tokenizer, max_length
+        )
+
+
+def load_trained(workdir: str, which: str = "latest") -> Trained:
+    """Restore a run directory for inference: no optimiser state, no pretrained weights.
+
+    Raises:
+      UserError: not a run directory, no complete checkpoint, or params that do not fit
+        the config saved with them.
+    """
+    from mtl_jax.checkpoint import check_params_fit, open_run, restore_params
+    from mtl_jax.encoder import Backbone
+    from mtl_jax.model import build_model
+
+    run = open_run(workdir)
+    model = build_model(run.config, Backbone(run.bert_config, None, run.tokenizer, workdir))
+    ids = jnp.ones((1, 8), jnp.int32)
+    expected = jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"]
+    params, meta = restore_params(workdir, which)
+    params = {k: v for k, v in params.items() if k in ("backbone", "heads")}
+    check_params_fit(params, expected, str(workdir))
+    return Trained(run.config, model, params, run.tokenizer, int(meta.get("step", 0)))
+
+
+def predict_texts(trained: Trained, texts: Sequence[str], batch_size: int = 64) -> list[dict]:
+    """One record per sentence: ``{"text", <task>: {"label", "probs": {label: p}}}``."""
+    config = trained.config
+    tokenized = tokenize(trained.tokenizer, list(texts), config.model.max_length)
+    probs = predict_tokenized(
+        trained.model,
+        trained.params,
+        tokenized,
+        batch_size=batch_size,
+        buckets=config.data.length_buckets,
+        max_length=config.model.max_length,
+    )
+    records = []
+    for i, text in enumerate(texts):
+        record: dict[str, Any] = {"text": text}
+        for task in config.tasks:
+            p = probs[task.name][i]
+            record[task.name] = {
+                "label": task.labels[int(p.argmax())],
+                "probs": {
+                    label: round(float(q), 6) for label, q in zip(task.labels, p, strict=True)
+                },
+            }
+        records.append(record)
+    return records
+
+
+def evaluate_files(trained: Trained, files: dict[str, str], batch_size: int = 64) -> dict:
+    """Scores per task on labelled files ``{task: path}``, with the checkpoint's label maps."""
+    from mtl_jax.data import load_task_datasets
+    from mtl_jax.fit import evaluate_dataset
+    from mtl_jax.train import make_eval_step
+
+    config = trained.config
+    tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
+    config = dataclasses.replace(
+        config,
+        tasks=tasks,
+        data=dataclasses.replace(config.data, eval_batch_size=batch_size),
+    )
+    dataset = load_task_datasets(config, trained.tokenizer, "dev")
+    scores = evaluate_dataset(
+        make_eval_step(trained.model, config), trained.params, dataset, config
+    )
+    return {task: scores[task] for task in files if task in scores}

@@ -1,0 +1,193 @@
+"""The feature cache: cached head training equals the full frozen-backbone step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import data as data_lib
+from mtl_jax import features, freezing
+from mtl_jax.config import TrainConfig
+from mtl_jax.errors import UserError
+from mtl_jax.model import MultiTaskModel
+from mtl_jax.synthetic import make_rows
+from mtl_jax.train import (
+    create_train_state,
+    init_train_params,
+    make_eval_step,
+    make_train_step,
+)
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def config(tiny_config):
+    """Frozen deterministic backbone, learned task weights, head dropout on (genre)."""
+    train = TrainConfig(
+        freeze="backbone",
+        batch_size=8,
+        head_learning_rate=1e-2,
+        lr_schedule="constant",
+        uncertainty_weighting=True,
+    )
+    model = dataclasses.replace(tiny_config.model, backbone_dropout=False)
+    config = dataclasses.replace(tiny_config, model=model, train=train)
+    assert config.task("genre").dropout > 0  # the cached heads must draw the same masks
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset(config, tiny_backbone):
+    return data_lib.dataset_from_rows(make_rows(40, seed=3), config, tiny_backbone.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def cache(config, tiny_model, tiny_params, dataset):
+    return features.cache_embeddings(tiny_model, tiny_params, dataset, config)
+
+
+def test_cache_rows_are_the_per_row_embeddings(config, tiny_model, tiny_params, dataset, cache):
+    assert cache.shape == (len(dataset), 32) and cache.dtype == np.float32
+    assert len(set(dataset.lengths.tolist())) > 3  # several lengths, sorted into buckets
+
+    @jax.jit
+    def embed_one(ids, types, mask):
+        emb, _ = tiny_model.apply(
+            {"params": tiny_params}, ids, mask, types, method=MultiTaskModel.embed
+        )
+        return emb[0]
+
+    for i in range(len(dataset)):
+        n = int(dataset.lengths[i])
+        ids, types, mask = (np.zeros((1, config.model.max_length), np.int32) for _ in range(3))
+        ids[0, :n], types[0, :n], mask[0, :n] = dataset.input_ids[i], 0, 1
+        np.testing.assert_allclose(cache[i], embed_one(ids, types, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_batch_gathers_rows_and_zeros_padding(cache):
+    batch = {"index": np.array([3, 0, 7, -1, -1], np.int32), "labels": {}}
+    out = features.cached_batch(batch, cache)
+    np.testing.assert_array_equal(out["embedding"][:3], cache[[3, 0, 7]])
+    np.testing.assert_array_equal(out["embedding"][3:], 0.0)
+    assert out["index"] is batch["index"] and "embedding" not in batch
+
+
+def test_cached_step_equals_full_frozen_step(config, tiny_model, tiny_params, dataset, cache):
+    params = init_train_params(tiny_params, config)
+    optimizer = freezing.make_optimizer(config.train, params, total_steps=100)
+    full_step = make_train_step(tiny_model, optimizer, config)
+    cached_step = jax.jit(
+        chex.assert_max_traces(
+            features.build_cached_train_step(tiny_model, optimizer, config), n=1
+        ),
+        donate_argnums=0,
+    )
+    stream = data_lib.BatchStream(dataset, config, epochs=2)
+    batches = [next(stream) for _ in range(STEPS)]
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # one trace over all lengths
+    assert any((b["index"] < 0).any() for b in batches)  # the short last batch is padded
+
+    key = jax.random.key(7)
+    full = create_train_state(params, optimizer)
+    cached = create_train_state(params, optimizer)
+    for batch in batches:
+        full, full_metrics = full_step(full, batch, key)
+        fed = features.cached_batch(batch, cache)
+        cached, cached_metrics = cached_step(
+            cached, {k: fed[k] for k in ("embedding", "labels")}, key
+        )
+        assert set(cached_metrics) == set(full_metrics)
+        for name, value in full_metrics.items():
+            np.testing.assert_allclose(
+                cached_metrics[name], value, rtol=1e-5, atol=1e-5, err_msg=name
+            )
+
+    assert int(cached.step) == STEPS
+    chex.assert_trees_all_equal_structs(cached, full)
+    chex.assert_trees_all_close(cached.params["heads"], full.params["heads"], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(cached.params["log_vars"], full.params["log_vars"], atol=1e-5)
+    start = jax.tree.map(np.asarray, params["backbone"])
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, cached.params["backbone"]), start)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, full.params["backbone"]), start)
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), params["heads"], cached.params["heads"]
+    )
+    assert all(jax.tree.leaves(moved))
+
+
+def test_public_cached_step_drops_token_keys(config, tiny_model, tiny_params, dataset, cache):
+    params = init_train_params(tiny_params, config)
+    optimizer = freezing.make_optimizer(config.train, params, total_steps=100)
+    step = features.make_cached_train_step(tiny_model, optimizer, config)
+    batch = features.cached_batch(next(data_lib.BatchStream(dataset, config)), cache)
+    batch["text"] = np.array(["a string key the step must drop"] * 8)
+    state, metrics = step(create_train_state(params, optimizer), batch, jax.random.key(0))
+    assert bool(metrics["finite"]) and int(state.step) == 1
+
+
+def test_cached_eval_equals_full_eval(config, tiny_model, tiny_params, dataset, cache):
+    full = make_eval_step(tiny_model, config)
+    cached = features.make_cached_eval_step(tiny_model, config)
+    for batch in data_lib.eval_batches(dataset, config):
+        expected = full(tiny_params, batch)
+        got = cached(tiny_params, features.cached_batch(batch, cache))
+        chex.assert_trees_all_equal(
+            jax.tree.map(np.asarray, got), jax.tree.map(np.asarray, expected)
+        )
+
+
+@pytest.mark.parametrize(
+    ("freeze", "dropout", "enabled", "expected"),
+    [
+        ("backbone", False, True, True),
+        ("all", False, True, True),
+        ("top:0", False, True, True),
+        ("backbone", True, True, False),
+        ("none", False, True, False),
+        ("top:1", False, True, False),
+        ("gradual", False, True, False),
+        ("backbone", False, False, False),
+    ],
+)
+def test_can_cache(config, freeze, dropout, enabled, expected):
+    cfg = dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, backbone_dropout=dropout),
+        train=dataclasses.replace(config.train, freeze=freeze, cache_features=enabled),
+    )
+    assert features.can_cache(cfg) is expected
+
+
+def test_cached_step_refuses_a_trainable_or_random_backbone(config, tiny_model, tiny_params):
+    for cfg in (
+        dataclasses.replace(config, train=dataclasses.replace(config.train, freeze="none")),
+        dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_dropout=True)),
+    ):
+        optimizer = freezing.make_optimizer(cfg.train, tiny_params, total_steps=10)
+        with pytest.raises(UserError, match="cached embeddings"):
+            features.make_cached_train_step(tiny_model, optimizer, cfg)
+
+
+def test_zero_backbone_gradient_costs_no_backbone_work(config, tiny_model, tiny_params):
+    """No dot product of the cached step touches a backbone-sized operand."""
+    params = init_train_params(tiny_params, config)
+    optimizer = freezing.make_optimizer(config.train, params, total_steps=10)
+    state = create_train_state(params, optimizer)
+    step = features.build_cached_train_step(tiny_model, optimizer, config)
+    batch = {
+        "embedding": jnp.zeros((8, 32)),
+        "labels": {t.name: jnp.zeros(8, jnp.int32) for t in config.tasks},
+    }
+    jaxpr = jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr
+    backbone_shapes = {np.shape(x) for x in jax.tree.leaves(params["backbone"])}
+    head_shapes = {np.shape(x) for x in jax.tree.leaves(params["heads"])}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes = {tuple(v.aval.shape) for v in eqn.invars}
+            assert not (shapes & (backbone_shapes - head_shapes)), shapes

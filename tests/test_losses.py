@@ -1,0 +1,104 @@
+"""Masked per-task cross-entropy and the weighted / uncertainty-weighted total."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.losses import masked_cross_entropy, multitask_loss
+
+
+def numpy_ce(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy over labelled rows, by hand in float64."""
+    rows = labels >= 0
+    if not rows.any():
+        return 0.0
+    z = logits[rows].astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(rows.sum()), labels[rows]].mean())
+
+
+def random_case(seed: int, batch: int = 12, classes: int = 5):
+    rng = np.random.default_rng(seed)
+    logits = (rng.normal(size=(batch, classes)) * 3).astype(np.float32)
+    labels = rng.integers(0, classes, size=batch).astype(np.int32)
+    labels[rng.random(batch) < 0.4] = -1
+    return logits, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_cross_entropy_matches_numpy(seed):
+    logits, labels = random_case(seed)
+    loss, n = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    assert int(n) == int((labels >= 0).sum())
+    np.testing.assert_allclose(float(loss), numpy_ce(logits, labels), rtol=1e-5)
+
+
+def test_missing_rows_do_not_change_the_loss():
+    logits, labels = random_case(3)
+    garbage = logits.copy()
+    garbage[labels < 0] = 1e4  # a missing row's logits must not leak into the mean
+    a, _ = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    b, _ = masked_cross_entropy(jnp.asarray(garbage), jnp.asarray(labels))
+    assert float(a) == float(b)
+
+
+def test_no_labelled_rows_gives_zero_loss_and_zero_gradient():
+    logits = jnp.ones((4, 3))
+    labels = jnp.full((4,), -1, jnp.int32)
+    loss, n = masked_cross_entropy(logits, labels)
+    grad = jax.grad(lambda x: masked_cross_entropy(x, labels)[0])(logits)
+    assert float(loss) == 0.0 and int(n) == 0
+    np.testing.assert_array_equal(grad, np.zeros((4, 3)))
+
+
+def two_tasks():
+    a_logits, a_labels = random_case(4, classes=5)
+    b_logits, b_labels = random_case(5, classes=2)
+    logits = {"a": jnp.asarray(a_logits), "b": jnp.asarray(b_logits)}
+    labels = {"a": jnp.asarray(a_labels), "b": jnp.asarray(b_labels)}
+    ce = {"a": numpy_ce(a_logits, a_labels), "b": numpy_ce(b_logits, b_labels)}
+    return logits, labels, ce
+
+
+def test_fixed_weights_sum():
+    logits, labels, ce = two_tasks()
+    total, per_task = multitask_loss(logits, labels, {"a": 0.3, "b": 2.0})
+    np.testing.assert_allclose(float(total), 0.3 * ce["a"] + 2.0 * ce["b"], rtol=1e-5)
+    np.testing.assert_allclose(float(per_task["a"]), ce["a"], rtol=1e-5)
+    np.testing.assert_allclose(float(per_task["b"]), ce["b"], rtol=1e-5)
+
+
+def test_uncertainty_weighting_formula_and_gradient():
+    logits, labels, ce = two_tasks()
+    s = {"a": jnp.float32(0.7), "b": jnp.float32(-0.4)}
+    weights = {"a": 1.0, "b": 0.5}
+    total, _ = multitask_loss(logits, labels, weights, s)
+    expected = sum(
+        weights[t] * (np.exp(-float(s[t])) * ce[t] + 0.5 * float(s[t])) for t in ("a", "b")
+    )
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    grad = jax.grad(lambda lv: multitask_loss(logits, labels, weights, lv)[0])(s)
+    for t in ("a", "b"):
+        expected_grad = weights[t] * (-np.exp(-float(s[t])) * ce[t] + 0.5)
+        np.testing.assert_allclose(float(grad[t]), expected_grad, rtol=1e-5)
+
+
+def test_task_without_labels_leaves_its_log_var_alone():
+    logits, labels, ce = two_tasks()
+    labels = {**labels, "b": jnp.full_like(labels["b"], -1)}
+    s = {"a": jnp.float32(0.2), "b": jnp.float32(0.9)}
+    total, per_task = multitask_loss(logits, labels, {"a": 1.0, "b": 1.0}, s)
+    np.testing.assert_allclose(float(total), np.exp(-0.2) * ce["a"] + 0.1, rtol=1e-5)
+    assert float(per_task["b"]) == 0.0
+    grad = jax.grad(lambda lv: multitask_loss(logits, labels, {"a": 1.0, "b": 1.0}, lv)[0])(s)
+    assert float(grad["b"]) == 0.0
+
+
+def test_multitask_loss_jits():
+    logits, labels, ce = two_tasks()
+    total, _ = jax.jit(lambda x, y: multitask_loss(x, y, {"a": 1.0, "b": 1.0}))(logits, labels)
+    np.testing.assert_allclose(float(total), ce["a"] + ce["b"], rtol=1e-5)

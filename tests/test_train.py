@@ -1,0 +1,226 @@
+"""The jitted train, eval and predict steps on the tiny model.
+
+Compiles are the cost here, so each step program is built once per module and shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax import freezing
+from mtl_jax.config import TrainConfig
+from mtl_jax.train import (
+    build_eval_step,
+    build_train_step,
+    create_train_state,
+    init_train_params,
+    make_eval_step,
+    make_predict_fn,
+    make_train_step,
+)
+
+from conftest import make_fake_batch
+
+EVERY = 2  # gradual: layer_1 opens at step 2, layer_0 at 4, the embeddings at 6
+HEAD_DENSE_LAYERS = 5  # genre: dense_0, dense_1, out; sentiment: dense_0, out
+
+
+def with_train(config, **changes):
+    base = TrainConfig(
+        learning_rate=1e-3,
+        head_learning_rate=3e-3,
+        warmup_steps=0,
+        lr_schedule="constant",
+        unfreeze_unit="steps",
+        unfreeze_every=EVERY,
+    )
+    return dataclasses.replace(config, train=dataclasses.replace(base, **changes))
+
+
+def to_numpy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def moved_groups(before, after, groups) -> set[str]:
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+    return {g for c, g in zip(jax.tree.leaves(changed), jax.tree.leaves(groups), strict=True) if c}
+
+
+def assert_frozen_identical(before, after, mask):
+    for b, a, m in zip(
+        jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(mask), strict=True
+    ):
+        if not m:
+            assert np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def gradual(tiny_config, tiny_model, tiny_params):
+    """A gradual-unfreezing setup whose step may be traced once for the whole module."""
+    config = with_train(tiny_config, freeze="gradual")
+    optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=100)
+    step = jax.jit(
+        chex.assert_max_traces(build_train_step(tiny_model, optimizer, config), n=1),
+        donate_argnums=0,
+    )
+    return config, optimizer, step
+
+
+def test_param_groups_of_the_real_model(tiny_params):
+    groups = freezing.param_groups(tiny_params)
+    assert freezing.group_names(groups) == (
+        "embeddings",
+        "head:genre",
+        "head:sentiment",
+        "layer_0",
+        "layer_1",
+    )
+    assert groups["backbone"]["encoder"]["layer"]["1"]["output"]["dense"]["kernel"] == "layer_1"
+    assert groups["heads"]["genre"]["norm_0"]["scale"] == "head:genre"
+
+
+def test_gradual_unfreezing_on_schedule_without_retrace_or_reset(gradual, tiny_params):
+    config, optimizer, step = gradual
+    groups = freezing.param_groups(tiny_params)
+    batch = make_fake_batch(config, seed=1)
+    key = jax.random.key(0)
+    state = create_train_state(tiny_params, optimizer)
+    expected_opening = {}
+    for i in range(8):
+        before = to_numpy(state.params)
+        state, metrics = step(state, batch, key)
+        after = to_numpy(state.params)
+        mask = freezing.trainable_mask(tiny_params, config.train, i)
+        assert_frozen_identical(before, after, mask)
+        trainable = {
+            g for m, g in zip(jax.tree.leaves(mask), jax.tree.leaves(groups), strict=True) if m
+        }
+        assert moved_groups(before, after, groups) == trainable, i
+        assert bool(metrics["finite"])
+        per_group = freezing.group_opt_states(state.opt_state)
+        # Heads train from step 0 and are never reset; each layer's Adam counts from its opening.
+        assert int(per_group["head:genre"].inner_state[0].count) == i + 1
+        expected_opening = {"layer_1": 2, "layer_0": 4, "embeddings": 6}
+        for group, opens in expected_opening.items():
+            assert int(per_group[group].inner_state[0].count) == max(0, i + 1 - opens), (group, i)
+    assert int(state.step) == 8
+
+
+def test_loss_decreases_on_a_fixed_batch(gradual, tiny_params):
+    config, optimizer, step = gradual
+    batch = make_fake_batch(config, seed=2)
+    state = create_train_state(tiny_params, optimizer)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch, jax.random.key(1))
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    for task in ("genre", "sentiment"):
+        labelled = int((batch["labels"][task] >= 0).sum())
+        assert int(metrics[f"{task}/count"]) == labelled
+        assert 0 <= int(metrics[f"{task}/correct"]) <= labelled
+    assert float(metrics["grad_norm"]) > 0 and float(metrics["update_norm"]) > 0
+
+
+def test_nonfinite_step_is_flagged_and_applied_without_skip(gradual, tiny_params):
+    config, optimizer, step = gradual
+    params = jax.tree.map(np.array, tiny_params)
+    params["heads"]["genre"]["out"]["bias"][:] = np.nan
+    state = create_train_state(params, optimizer)
+    state, metrics = step(state, make_fake_batch(config), jax.random.key(0))
+    assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 0
+    assert np.isnan(np.asarray(state.params["heads"]["sentiment"]["out"]["kernel"])).any()
+
+
+def test_frozen_backbone_step(tiny_config, tiny_model, tiny_params):
+    """freeze=backbone through the public step: the stop-gradient path, learned task weights,
+    skipped non-finite steps and extra batch keys."""
+    config = with_train(
+        tiny_config,
+        freeze="backbone",
+        uncertainty_weighting=True,
+        skip_nonfinite=True,
+        head_learning_rate=1e-2,
+    )
+    params = init_train_params(tiny_params, config)
+    assert params["log_vars"] == {"genre": 0.0, "sentiment": 0.0}
+    optimizer = freezing.make_optimizer(config.train, params, total_steps=100)
+    step = make_train_step(tiny_model, optimizer, config)
+    batch = make_fake_batch(config, seed=3)
+    batch["text"] = np.array(["a string key the step must drop"] * 8)
+    state = create_train_state(params, optimizer)
+    start = to_numpy(state.params)
+    for _ in range(3):
+        state, metrics = step(state, batch, jax.random.key(0))
+    after = to_numpy(state.params)
+    chex.assert_trees_all_equal(start["backbone"], after["backbone"])
+    assert moved_groups(start, after, freezing.param_groups(params)) == {
+        "head:genre",
+        "head:sentiment",
+        "loss_weights",
+    }
+    for task in ("genre", "sentiment"):
+        assert abs(float(after["log_vars"][task])) > 1e-3
+        assert f"{task}/log_var" in metrics
+    assert int(metrics["skipped"]) == 0 and bool(metrics["finite"])
+
+    # A non-finite step is thrown away: params and optimiser state unchanged, and counted.
+    poisoned = jax.tree.map(np.array, after)
+    poisoned["heads"]["genre"]["out"]["bias"][:] = np.nan
+    state = state.replace(params=jax.tree.map(jnp.asarray, poisoned))
+    opt_before = to_numpy(state.opt_state)
+    step_before = int(state.step)
+    state, metrics = step(state, batch, jax.random.key(0))
+    assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 1
+    chex.assert_trees_all_equal(to_numpy(state.params), poisoned)
+    chex.assert_trees_all_equal(to_numpy(state.opt_state), opt_before)
+    assert int(state.step) == step_before + 1
+
+
+def _dot_count(fn, *args) -> int:
+    def count(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == "dot_general"
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                n += count(sub)
+        return n
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_frozen_backbone_drops_the_backbone_backward_pass(tiny_config, tiny_model, tiny_params):
+    batch = {k: v for k, v in make_fake_batch(tiny_config).items() if k != "index"}
+    forward = _dot_count(build_eval_step(tiny_model, tiny_config), tiny_params, batch)
+    backward = {}
+    for strategy in ("backbone", "none"):
+        config = with_train(tiny_config, freeze=strategy)
+        optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=10)
+        state = create_train_state(tiny_params, optimizer)
+        fn = build_train_step(tiny_model, optimizer, config)
+        backward[strategy] = _dot_count(fn, state, batch, jax.random.key(0)) - forward
+    assert backward["backbone"] <= 2 * HEAD_DENSE_LAYERS  # the heads' backward only
+    assert backward["none"] > backward["backbone"] + 2 * HEAD_DENSE_LAYERS
+
+
+def test_eval_and_predict_agree(tiny_config, tiny_model, tiny_params):
+    batch = make_fake_batch(tiny_config, seed=4)
+    batch["valid"] = np.arange(8) < 6  # the last two rows pad a short batch
+    probs, embedding = make_predict_fn(tiny_model)(tiny_params, batch)
+    confusions = make_eval_step(tiny_model, tiny_config)(tiny_params, batch)
+    assert embedding.shape == (8, 32)
+    for task in tiny_config.tasks:
+        p = np.asarray(probs[task])
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+        labels = batch["labels"][task]
+        keep = (labels >= 0) & batch["valid"]
+        expected = np.zeros((task.num_labels, task.num_labels), np.int32)
+        np.add.at(expected, (labels[keep], p.argmax(axis=1)[keep]), 1)
+        np.testing.assert_array_equal(confusions[task.name], expected)
+        assert confusions[task.name].dtype == jnp.int32
