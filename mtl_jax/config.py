@@ -22,6 +22,7 @@ from mtl_jax.errors import UserError
 POOLINGS = ("mean", "cls", "max")
 DTYPES = ("float32", "bfloat16", "float16")
 MIXINGS = ("proportional", "temperature", "round_robin")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 FREEZE_PATTERN = re.compile(r"^(none|all|backbone|gradual|head:[A-Za-z_][\w-]*|top:\d+)$")
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
@@ -215,6 +216,22 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How a run spreads over devices and hosts (every local device is always used)."""
+
+    fsdp: bool = False  # shard params and optimiser state over devices (else replicate)
+    distributed: str = "auto"  # auto | on | off: call jax.distributed.initialize()
+
+    def validate(self) -> None:
+        _check(
+            self.distributed in DISTRIBUTED_MODES,
+            "parallel.distributed",
+            " | ".join(DISTRIBUTED_MODES),
+            self.distributed,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved as ``config.json`` in the run directory."""
 
@@ -222,6 +239,7 @@ class Config:
     tasks: tuple[TaskConfig, ...] = ()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     def task(self, name: str) -> TaskConfig:
         for task in self.tasks:
@@ -241,6 +259,7 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        self.parallel.validate()
         for task in self.tasks:
             task.validate()
         if self.train.freeze.startswith("head:"):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax import data as data_lib
+from mtl_jax import parallel
 from mtl_jax.checkpoint import Checkpointer, write_run_files
 from mtl_jax.config import Config
 from mtl_jax.encoder import Backbone, load_backbone
@@ -96,7 +97,7 @@ def check_workdir(workdir: Path) -> None:
     """Fail before any work if the run directory cannot hold logs and checkpoints."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
+        probe = workdir / f".write_probe.{jax.process_index()}"  # one per process
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:
@@ -135,6 +136,7 @@ def fit(
     progress: bool = True,
     handle_signals: bool = True,
     on_step: Callable[[int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Train (or resume training) the model a config describes, in ``workdir``.
 
@@ -146,17 +148,29 @@ def fit(
       progress: show a progress bar on stderr.
       handle_signals: on SIGINT/SIGTERM, save a checkpoint at the current step and return.
       on_step: called with the step number after each step (tests use it to crash runs).
+      mesh: the devices to train on (default :func:`mtl_jax.parallel.make_mesh`: every
+        device of every process). Batches are split over it; params and optimiser state
+        are replicated, or sharded with ``parallel.fsdp``. With several processes only
+        process 0 logs, writes metrics and the run files; all take part in checkpoints.
 
     Returns:
       The final state, the resolved config and model, the last evaluation and why it ended.
     """
     config.validate()
+    # -- devices: before anything else touches JAX -----------------------------------------
+    parallel.maybe_initialize_distributed(config.parallel.distributed)
+    mesh = mesh if mesh is not None else parallel.make_mesh()
+    parallel.check_batch_sizes(config.train.batch_size, config.data.eval_batch_size, mesh.size)
+    main = parallel.is_main_process()
+    fsdp = config.parallel.fsdp
+
     workdir = Path(workdir)
     check_workdir(workdir)
     backbone = backbone or load_backbone(config.model.backbone)
     run_data = run_data or load_run_data(config, backbone.tokenizer)
     config = run_data.config
-    write_run_files(workdir, config, backbone.bert_config, backbone.tokenizer)
+    if main:
+        write_run_files(workdir, config, backbone.bert_config, backbone.tokenizer)
 
     model = build_model(config, backbone)
     init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
@@ -164,7 +178,8 @@ def fit(
     n_steps = total_steps(config, spe)
     params = init_train_params(init_params(model, init_key, backbone), config)
     optimizer = make_optimizer(config.train, params, steps_per_epoch=spe, total_steps=n_steps)
-    state = create_train_state(params, optimizer)
+    state = parallel.place_state(create_train_state(params, optimizer), mesh, fsdp)
+    train_key = parallel.place_state(train_key, mesh)
     train_step = make_train_step(model, optimizer, config)
     eval_step = make_eval_step(model, config)
 
@@ -172,14 +187,16 @@ def fit(
     tracker = _Tracker(patience=config.train.early_stopping_patience)
     latest = checkpointer.latest_step()
     if latest is not None:
-        params, opt_state, meta = checkpointer.restore(
-            latest, _abstract(state.params), _abstract(state.opt_state)
-        )
+        # Targets carry this mesh's shardings: a checkpoint of any device count fits.
+        target = parallel.abstract_state(state, mesh, fsdp)
+        params, opt_state, meta = checkpointer.restore(latest, target.params, target.opt_state)
         state = TrainState(step=jnp.asarray(latest, jnp.int32), params=params, opt_state=opt_state)
+        state = parallel.place_state(state, mesh, fsdp)
         tracker = _Tracker.from_meta(meta, config.train.early_stopping_patience)
     start = int(state.step)
 
-    logger = _MetricsLogger(workdir, resumed_at=start if latest is not None else None)
+    resumed_at = start if latest is not None else None
+    logger = _MetricsLogger(workdir, resumed_at) if main else _NoLogger()
     stop = _StopFlag(handle_signals)
     stream = data_lib.BatchStream(
         run_data.train,
@@ -191,7 +208,7 @@ def fit(
     def evaluate(step: int) -> dict[str, dict[str, Any]]:
         if run_data.dev is None:
             return {}
-        scores = evaluate_dataset(eval_step, state.params, run_data.dev, config)
+        scores = evaluate_dataset(eval_step, state.params, run_data.dev, config, mesh)
         score = score_of(scores, config.train.best_metric)
         logger.log(step, step / spe, "dev", None, scores)
         if tracker.update(step, score):
@@ -208,7 +225,7 @@ def fit(
         # Host copies: the next step donates (frees) the device buffers an async save reads.
         checkpointer.save(step, _host_copy(state.params), _host_copy(state.opt_state), meta)
 
-    bar = _progress(progress, n_steps, start)
+    bar = _progress(progress and main, n_steps, start)
     window = _Window()
     last_eval: dict[str, dict[str, Any]] = {}
     stopped = "done"
@@ -217,7 +234,7 @@ def fit(
         for batch in data_lib.prefetch(stream):
             if step >= n_steps:
                 break
-            state, metrics = train_step(state, batch, train_key)
+            state, metrics = train_step(state, parallel.shard_batch(batch, mesh), train_key)
             step += 1
             window.add(metrics, int((batch["index"] >= 0).sum()))
             if on_step is not None:
@@ -251,11 +268,20 @@ def fit(
 
 
 def evaluate_dataset(
-    eval_step: Callable, params: Any, dataset: data_lib.Dataset, config: Config
+    eval_step: Callable,
+    params: Any,
+    dataset: data_lib.Dataset,
+    config: Config,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy, macro-F1, count and confusion per task over a labelled dataset."""
+    """Accuracy, macro-F1, count and confusion per task over a labelled dataset.
+
+    With ``mesh``, each batch is split over its devices (see :func:`parallel.shard_batch`).
+    """
     totals: dict[str, Any] = {}
     for batch in data_lib.eval_batches(dataset, config):
+        if mesh is not None:
+            batch = parallel.shard_batch(batch, mesh)
         for task, cm in eval_step(params, batch).items():
             totals[task] = cm if task not in totals else totals[task] + cm
     scores = summarize(totals)
@@ -276,13 +302,12 @@ def score_of(scores: dict[str, dict[str, Any]], metric: str) -> float:
 
 
 def _host_copy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
+    """Full numpy copies (gathered across devices and hosts) for an async save.
 
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype), tree
-    )
+    Copies, so donating the state's buffers to the next step cannot touch what is being
+    written; numpy, so a checkpoint holds no device layout and restores on any mesh.
+    """
+    return parallel.host_copy(tree)
 
 
 class _Tracker:
@@ -356,6 +381,16 @@ class _Window:
         }
         self.items, self.examples, self.started = [], 0, time.perf_counter()
         return summary
+
+
+class _NoLogger:
+    """What processes other than the main one log: nothing."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _MetricsLogger:

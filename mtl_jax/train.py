@@ -170,12 +170,23 @@ def make_train_step(
     Batch keys other than the model inputs, ``labels`` and ``valid`` are dropped before the
     jitted call.
     """
-    jitted = jax.jit(build_train_step(model, optimizer, config), donate_argnums=0)
+    return jit_train_step(build_train_step(model, optimizer, config))
 
-    def train_step(state: TrainState, batch: Batch, key: jax.Array):
+
+def jit_train_step(
+    train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]],
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """Jit a pure train step with the state donated, behind a filter of the batch's keys.
+
+    Split from :func:`make_train_step` so a test can wrap the pure step (e.g. in
+    ``chex.assert_max_traces``) and still run the exact public calling convention.
+    """
+    jitted = jax.jit(train_step, donate_argnums=0)
+
+    def step(state: TrainState, batch: Batch, key: jax.Array):
         return jitted(state, step_inputs(batch), key)
 
-    return train_step
+    return step
 
 
 def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:

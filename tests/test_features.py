@@ -44,7 +44,7 @@ def config(tiny_config):
 
 @pytest.fixture(scope="module")
 def dataset(config, tiny_backbone):
-    return data_lib.dataset_from_rows(make_rows(40, seed=3), config, tiny_backbone.tokenizer)
+    return data_lib.dataset_from_rows(make_rows(37, seed=3), config, tiny_backbone.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +78,19 @@ def test_cached_batch_gathers_rows_and_zeros_padding(cache):
     assert out["index"] is batch["index"] and "embedding" not in batch
 
 
-def test_cached_step_equals_full_frozen_step(config, tiny_model, tiny_params, dataset, cache):
+def test_cached_step_equals_full_frozen_step(
+    config, tiny_model, tiny_params, dataset, cache, monkeypatch
+):
+    build = features.build_cached_train_step
+    monkeypatch.setattr(
+        features,
+        "build_cached_train_step",
+        lambda *args: chex.assert_max_traces(build(*args), n=1),
+    )
     params = init_train_params(tiny_params, config)
     optimizer = freezing.make_optimizer(config.train, params, total_steps=100)
     full_step = make_train_step(tiny_model, optimizer, config)
-    cached_step = jax.jit(
-        chex.assert_max_traces(
-            features.build_cached_train_step(tiny_model, optimizer, config), n=1
-        ),
-        donate_argnums=0,
-    )
+    cached_step = features.make_cached_train_step(tiny_model, optimizer, config)
     stream = data_lib.BatchStream(dataset, config, epochs=2)
     batches = [next(stream) for _ in range(STEPS)]
     assert len({b["input_ids"].shape[1] for b in batches}) > 1  # one trace over all lengths
@@ -99,9 +102,8 @@ def test_cached_step_equals_full_frozen_step(config, tiny_model, tiny_params, da
     for batch in batches:
         full, full_metrics = full_step(full, batch, key)
         fed = features.cached_batch(batch, cache)
-        cached, cached_metrics = cached_step(
-            cached, {k: fed[k] for k in ("embedding", "labels")}, key
-        )
+        fed["text"] = np.array(["a string key the step must drop"] * len(batch["index"]))
+        cached, cached_metrics = cached_step(cached, fed, key)
         assert set(cached_metrics) == set(full_metrics)
         for name, value in full_metrics.items():
             np.testing.assert_allclose(
@@ -119,16 +121,6 @@ def test_cached_step_equals_full_frozen_step(config, tiny_model, tiny_params, da
         lambda a, b: not np.array_equal(a, b), params["heads"], cached.params["heads"]
     )
     assert all(jax.tree.leaves(moved))
-
-
-def test_public_cached_step_drops_token_keys(config, tiny_model, tiny_params, dataset, cache):
-    params = init_train_params(tiny_params, config)
-    optimizer = freezing.make_optimizer(config.train, params, total_steps=100)
-    step = features.make_cached_train_step(tiny_model, optimizer, config)
-    batch = features.cached_batch(next(data_lib.BatchStream(dataset, config)), cache)
-    batch["text"] = np.array(["a string key the step must drop"] * 8)
-    state, metrics = step(create_train_state(params, optimizer), batch, jax.random.key(0))
-    assert bool(metrics["finite"]) and int(state.step) == 1
 
 
 def test_cached_eval_equals_full_eval(config, tiny_model, tiny_params, dataset, cache):
@@ -174,8 +166,17 @@ def test_cached_step_refuses_a_trainable_or_random_backbone(config, tiny_model, 
             features.make_cached_train_step(tiny_model, optimizer, cfg)
 
 
-def test_zero_backbone_gradient_costs_no_backbone_work(config, tiny_model, tiny_params):
-    """No dot product of the cached step touches a backbone-sized operand."""
+def _dot_count(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += _dot_count(sub)
+    return n
+
+
+def test_cached_step_runs_no_backbone(config, tiny_model, tiny_params):
+    """Only the heads' matmuls: 5 dense layers forward, at most 2 each backward."""
     params = init_train_params(tiny_params, config)
     optimizer = freezing.make_optimizer(config.train, params, total_steps=10)
     state = create_train_state(params, optimizer)
@@ -184,10 +185,4 @@ def test_zero_backbone_gradient_costs_no_backbone_work(config, tiny_model, tiny_
         "embedding": jnp.zeros((8, 32)),
         "labels": {t.name: jnp.zeros(8, jnp.int32) for t in config.tasks},
     }
-    jaxpr = jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr
-    backbone_shapes = {np.shape(x) for x in jax.tree.leaves(params["backbone"])}
-    head_shapes = {np.shape(x) for x in jax.tree.leaves(params["heads"])}
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes = {tuple(v.aval.shape) for v in eqn.invars}
-            assert not (shapes & (backbone_shapes - head_shapes)), shapes
+    assert _dot_count(jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr) <= 3 * 5
