@@ -323,7 +323,8 @@ def load_config(path: str | Path) -> Config:
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise UserError(f"{path}: not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a table of sections, got {type(data).__name__}")
     return Config.from_dict(data, source=str(path))
