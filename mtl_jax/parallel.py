@@ -71,7 +71,10 @@ def check_batch_sizes(train_batch_size: int, eval_batch_size: int, n_devices: in
 
     The global batch is what the config says; each device gets ``batch / n_devices`` rows.
     """
-    for key, size in (("train.batch_size", train_batch_size), ("data.eval_batch_size", eval_batch_size)):
+    for key, size in (
+        ("train.batch_size", train_batch_size),
+        ("data.eval_batch_size", eval_batch_size),
+    ):
         if size % n_devices:
             raise UserError(
                 f"config key '{key}': expected a multiple of the {n_devices} devices "
