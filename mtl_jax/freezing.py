@@ -197,7 +197,7 @@ def unfreeze_schedule(strategy: str, groups: Iterable[str], every_steps: int = 1
 
 
 def _parse_top_k(text: str, strategy: str) -> int:
-    if not text.isdigit():
+    if not re.fullmatch(r"[0-9]+", text):
         raise UserError(
             f"config key 'train.freeze': '{strategy}' needs a whole number of layers >= 0, "
             "e.g. top:2"
@@ -205,7 +205,7 @@ def _parse_top_k(text: str, strategy: str) -> int:
     return int(text)
 
 
-def every_steps(train_cfg: TrainConfig, steps_per_epoch: int | None) -> int:
+def unfreeze_interval(train_cfg: TrainConfig, steps_per_epoch: int | None) -> int:
     """Steps between two gradual unfreezings, converting epochs with ``steps_per_epoch``."""
     if train_cfg.unfreeze_unit == "steps":
         return train_cfg.unfreeze_every
@@ -224,7 +224,7 @@ def freeze_schedule(
 ) -> Schedule:
     """:func:`unfreeze_schedule` for a config's strategy and the groups present in ``params``."""
     names = group_names(param_groups(params, rules))
-    return unfreeze_schedule(train_cfg.freeze, names, every_steps(train_cfg, steps_per_epoch))
+    return unfreeze_schedule(train_cfg.freeze, names, unfreeze_interval(train_cfg, steps_per_epoch))
 
 
 def trainable_mask(
@@ -268,7 +268,8 @@ def group_learning_rates(train_cfg: TrainConfig, groups: Iterable[str]) -> dict[
     Encoder layer ``i`` gets ``learning_rate * layer_lr_decay ** (top - i)`` where ``top`` is
     the highest layer present, and the embeddings one step below the bottom layer
     (``decay ** (top + 1)``): lower layers hold more general features and move less. Heads
-    and learned loss weights get ``head_learning_rate``.
+    and learned loss weights get ``head_learning_rate``. A group of custom rules that is
+    none of these gets the undecayed ``learning_rate``.
     """
     groups = sorted(set(groups))
     indices = [i for g in groups if (i := layer_index(g)) is not None]
@@ -282,7 +283,7 @@ def group_learning_rates(train_cfg: TrainConfig, groups: Iterable[str]) -> dict[
         elif group == EMBEDDINGS:
             rates[group] = train_cfg.learning_rate * train_cfg.layer_lr_decay ** (top + 1)
         else:
-            _check_known([group], train_cfg.freeze)
+            rates[group] = train_cfg.learning_rate
     return rates
 
 
@@ -460,10 +461,12 @@ def make_optimizer(
     """
     groups = param_groups(params, rules)
     names = group_names(groups)
-    starts = unfreeze_schedule(train_cfg.freeze, names, every_steps(train_cfg, steps_per_epoch))
-    trained = [g for g in names if starts[g] is not None]
-    rates = group_learning_rates(train_cfg, trained)
-    factor = lr_factor(train_cfg, total_steps) if trained else None
+    starts = unfreeze_schedule(
+        train_cfg.freeze, names, unfreeze_interval(train_cfg, steps_per_epoch)
+    )
+    rates = group_learning_rates(train_cfg, names)
+    trains = any(start is not None for start in starts.values())
+    factor = lr_factor(train_cfg, total_steps) if trains else None
     transforms = {}
     for group in names:
         start = starts[group]
@@ -485,13 +488,23 @@ def group_opt_states(opt_state: Any) -> dict[str, Any]:
     return dict(gate_state(opt_state).inner_state.inner_states)
 
 
-def gate_state(opt_state: Any) -> GateState:
-    """The :class:`GateState` inside an optimiser state, however it is wrapped."""
+def find_gate_state(opt_state: Any) -> GateState | None:
+    """The :class:`GateState` inside an optimiser state however it is wrapped, else None."""
     found = [
         s
         for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GateState))
         if isinstance(s, GateState)
     ]
-    if len(found) != 1:
-        raise ValueError(f"expected one GateState in the optimiser state, found {len(found)}")
-    return found[0]
+    if len(found) > 1:
+        raise ValueError(
+            f"expected at most one GateState in the optimiser state, found {len(found)}"
+        )
+    return found[0] if found else None
+
+
+def gate_state(opt_state: Any) -> GateState:
+    """The :class:`GateState` of a :func:`make_optimizer` state."""
+    state = find_gate_state(opt_state)
+    if state is None:
+        raise ValueError("no GateState in this optimiser state (not built by make_optimizer)")
+    return state

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax.config import Config
-from mtl_jax.freezing import GateState, backbone_trainable
+from mtl_jax.freezing import backbone_trainable, find_gate_state
 from mtl_jax.losses import multitask_loss
 from mtl_jax.metrics import confusion_matrix
 
@@ -47,14 +47,18 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
 def init_train_params(params: Any, config: Config) -> Any:
     """The params training optimises: the model's, plus ``log_vars`` when they are learned.
 
-    ``params["log_vars"][task]`` is the ``s_t = log sigma_t^2`` of uncertainty weighting,
-    a float32 scalar starting at 0 (weight 1). Call this before building the optimiser, whose
+    ``params["log_vars"][task]`` is the ``s_t = log sigma_t^2`` of uncertainty weighting, a
+    float32 scalar starting at 0 (weight 1); values already present (a restored run) are
+    kept. Without uncertainty weighting any ``log_vars`` are dropped, so the optimiser does
+    not carry parameters nothing reads. Call this before building the optimiser, whose
     labels follow the params' structure.
     """
     params = dict(params)
-    params.pop("log_vars", None)
+    old = params.pop("log_vars", None) or {}
     if config.train.uncertainty_weighting:
-        params["log_vars"] = {t.name: jnp.zeros([], jnp.float32) for t in config.tasks}
+        params["log_vars"] = {
+            t.name: jnp.asarray(old.get(t.name, 0.0), jnp.float32) for t in config.tasks
+        }
     return params
 
 
@@ -141,12 +145,8 @@ def build_train_step(
 
 def _trainable_grad_norm(opt_state: Any, grads: Any) -> jax.Array:
     """The norm the clip saw (trainable groups only) when the optimiser has a gate."""
-    gates = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GateState))
-        if isinstance(s, GateState)
-    ]
-    return gates[0].grad_norm if len(gates) == 1 else optax.global_norm(grads)
+    gate = find_gate_state(opt_state)
+    return gate.grad_norm if gate is not None else optax.global_norm(grads)
 
 
 def make_train_step(

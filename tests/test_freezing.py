@@ -203,6 +203,7 @@ def test_strategy_rejects_a_group_it_cannot_place():
     with pytest.raises(UserError, match="pooler"):
         freezing.unfreeze_schedule("backbone", [*GROUPS, "pooler"])
     assert freezing.unfreeze_schedule("none", ["pooler"]) == {"pooler": 0}
+    assert freezing.group_learning_rates(train_cfg(), ["pooler"]) == {"pooler": 1e-2}
 
 
 def test_trainable_mask_follows_gradual_schedule():
