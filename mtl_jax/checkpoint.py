@@ -11,7 +11,9 @@ Layout of ``<workdir>``::
     tensorboard/         event files
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-run killed mid-save leaves no half-written checkpoint that a resume could pick up.
+run killed mid-save leaves no half-written checkpoint that a resume could pick up. Each
+checkpoint's meta also records the tasks' label names (:func:`label_stamp`): params of the
+right shapes but trained for other labels are refused, not silently mislabelled.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +92,7 @@ def _first_difference(old: Any, new: Any, path: str) -> str:
 
 
 def read_config(workdir: Path) -> Config:
+    """A run directory's ``config.json``, parsed as data and validated like a user config."""
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{workdir}: not a run directory (no {CONFIG_FILE})")
@@ -93,7 +100,13 @@ def read_config(workdir: Path) -> Config:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
-    return Config.from_dict(data, source=str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
+    config = Config.from_dict(data, source=str(path))
+    try:
+        return config.validate()
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,17 +145,88 @@ def _atomic_write(path: Path, text: str) -> None:
 # -- checkpoints ------------------------------------------------------------------------------
 
 
+def label_stamp(config: Config) -> dict[str, list[str]]:
+    """Each task's label names in id order: what the heads' outputs of a checkpoint mean."""
+    return {task.name: list(task.labels) for task in config.tasks}
+
+
+def check_label_stamp(meta: dict[str, Any], config: Config, source: str | Path) -> None:
+    """Refuse a checkpoint whose heads were trained for other tasks or label names."""
+    saved = meta.get("labels")
+    if saved is None:  # a checkpoint written before checkpoints carried their labels
+        return
+    wanted = label_stamp(config)
+    if saved != wanted:
+        task = next(t for t in sorted(set(saved) | set(wanted)) if saved.get(t) != wanted.get(t))
+        raise UserError(
+            f"{source}: the checkpoint was trained for other labels than the run's config "
+            f"(task '{task}': checkpoint {saved.get(task)}, config {wanted.get(task)}); "
+            "was the run directory mixed with another run?"
+        )
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed (disk full, permissions...), or None if ``exc`` is no I/O error.
+
+    Orbax reports a failed write from tensorstore as a ``ValueError`` carrying
+    ``[os_error_code='28']``, often as the cause of another exception.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        code = re.search(r"os_error_code='?(\d+)", str(seen))
+        if code:
+            return os.strerror(int(code.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """Turn a failed checkpoint write into one clean :class:`UserError` (other errors pass)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise UserError(
+            f"{directory}: cannot write a checkpoint ({reason}); the last complete checkpoint "
+            "is intact: free some space (or fix the permissions) and rerun to resume"
+        ) from exc
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class Checkpointer:
     """One Orbax manager for the last K training states, one for the best params.
 
     ``save`` is asynchronous (training goes on while the arrays are written); ``close``
-    waits for the last write, so call it before the process ends.
+    waits for the last write, so call it before the process ends. A write that fails (a
+    full disk) raises :class:`UserError` at the next save or at ``close``. With ``config``,
+    every checkpoint records the tasks' labels and ``restore`` refuses other labels.
     """
 
-    def __init__(self, workdir: Path, keep: int = 3, best_metric: str = "score"):
+    def __init__(
+        self,
+        workdir: Path,
+        keep: int = 3,
+        best_metric: str = "score",
+        config: Config | None = None,
+    ):
         ocp = _ocp()
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # Orbax needs absolute paths
         self.best_metric = best_metric
+        self.config = config
+        self.stamp = {} if config is None else {"labels": label_stamp(config)}
         self._latest = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS_DIR,
             options=ocp.CheckpointManagerOptions(
@@ -167,55 +251,85 @@ class Checkpointer:
 
     def save(self, step: int, params: Params, opt_state: Any, meta: dict[str, Any]) -> None:
         ocp = _ocp()
-        self._latest.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        with _writing(self.workdir / CHECKPOINTS_DIR):
+            self._latest.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    meta=ocp.args.JsonSave({**meta, **self.stamp}),
+                ),
+                force=True,
+            )
 
     def save_best(self, step: int, params: Params, meta: dict[str, Any], score: float) -> None:
         ocp = _ocp()
-        self._best.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)
-            ),
-            metrics={self.best_metric: float(score)},
-            force=True,
-        )
+        with _writing(self.workdir / BEST_DIR):
+            self._best.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    meta=ocp.args.JsonSave({**meta, **self.stamp}),
+                ),
+                metrics={self.best_metric: float(score)},
+                force=True,
+            )
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any):
-        """``(params, opt_state, meta)`` of a training checkpoint, shaped like the targets."""
+        """``(params, opt_state, meta)`` of a training checkpoint, shaped like the targets.
+
+        Raises:
+          UserError: the checkpoint does not fit the targets (another model's checkpoint
+            in this run directory), cannot be read, or was trained for other labels.
+        """
         ocp = _ocp()
-        restored = self._latest.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
-                opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        source = self.workdir / CHECKPOINTS_DIR / str(step)
+        try:
+            restored = self._latest.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, OSError) as exc:
+            raise UserError(
+                f"{source}: cannot resume from this checkpoint ({_first_line(exc)}); it is "
+                "damaged or was written for another model: use a new --workdir"
+            ) from exc
+        if self.config is not None:
+            check_label_stamp(dict(restored.meta), self.config, source)
         return restored.params, restored.opt_state, restored.meta
 
     def wait(self) -> None:
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        with _writing(self.workdir):
+            self._latest.wait_until_finished()
+            self._best.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self._latest.close()
-        self._best.close()
+        """Wait for pending writes and release both managers, even after a failed write."""
+        errors = []
+        for finish in (
+            self._latest.wait_until_finished,
+            self._best.wait_until_finished,
+            self._latest.close,
+            self._best.close,
+        ):
+            try:
+                finish()
+            except Exception as exc:  # every manager is closed; the first error is raised
+                errors.append(exc)
+        if errors:
+            with _writing(self.workdir):
+                raise errors[0]
 
 
 def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, dict[str, Any]]:
     """Params (as numpy) and meta of a run's ``latest`` or ``best`` checkpoint; no opt state."""
     ocp = _ocp()
     workdir = Path(workdir)
-    directory = workdir / (CHECKPOINTS_DIR if which == "latest" else BEST_DIR)
+    directory = workdir.absolute() / (CHECKPOINTS_DIR if which == "latest" else BEST_DIR)
     if which not in ("latest", "best"):
         raise UserError(f"--which: expected latest or best, got {which!r}")
     if not directory.is_dir():
@@ -227,10 +341,18 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
             raise UserError(
                 f"{directory}: holds no complete checkpoint (an interrupted first save?)"
             )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-        )
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except (ValueError, OSError) as exc:
+            raise UserError(
+                f"{directory / str(step)}: cannot read this checkpoint ({_first_line(exc)}); "
+                "it is damaged or incomplete"
+            ) from exc
     finally:
         manager.close()
     params = jax.tree_util.tree_map(np.asarray, restored.params)

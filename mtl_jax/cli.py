@@ -2,11 +2,17 @@
 
 Bad input ends with exit status 2 and one line ``error: ...`` on stderr naming the file,
 line or key at fault; ``--debug`` shows the traceback instead.
+
+Exit status: 0 done; 2 bad input, or a run that cannot go on (non-finite loss, disk full;
+its last checkpoint is intact); ``128 + signal`` (130 SIGINT, 143 SIGTERM) when a signal
+stopped ``train`` after it saved a checkpoint at the current step (rerun to resume), or
+when a second signal interrupted it at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -84,10 +90,7 @@ def resolve_train_config(args: argparse.Namespace):
     from mtl_jax.config import apply_overrides, load_config
     from mtl_jax.presets import preset
 
-    if args.config:
-        config = load_config(args.config)
-    else:
-        config = preset(args.preset or "demo")
+    config = load_config(args.config) if args.config else preset(args.preset or "demo")
     return apply_overrides(config, args.overrides).validate()
 
 
@@ -98,14 +101,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.workdir:
         raise UserError("train: --workdir is required (the run directory)")
-    from mtl_jax.fit import fit
+    from mtl_jax.fit import fit, read_metrics
 
-    result = fit(config, args.workdir, progress=not args.no_progress)
+    try:
+        result = fit(config, args.workdir, progress=not args.no_progress)
+    except OSError as exc:  # e.g. a full disk while writing logs or run files
+        raise UserError(
+            f"{exc.filename or args.workdir}: {exc.strerror or exc} during training; the last "
+            "complete checkpoint is intact: fix this and rerun the same command to resume"
+        ) from exc
     summary = {"workdir": str(args.workdir), "steps": result.steps, "stopped": result.stopped}
+    summary["skipped"] = sum(e.get("skipped", 0) for e in read_metrics(args.workdir))
     summary["eval"] = {
         task: {k: v for k, v in s.items() if k != "confusion"} for task, s in result.eval.items()
     }
     print(json.dumps(summary))
+    if result.stopped == "signal":  # not done: a rerun resumes from the checkpoint just saved
+        return 128 + result.signum
     return 0
 
 
@@ -156,8 +168,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     trained = load_trained(args.checkpoint, args.which)
     texts = _read_texts(args.input, args.text_column)
     batch_size = _positive(args.batch_size, "--batch-size")
-    for record in predict_texts(trained, texts, batch_size):
+    stats: dict[str, int] = {}
+    for record in predict_texts(trained, texts, batch_size, stats):
         print(json.dumps(record))
+    print(json.dumps({"sentences": len(texts), **stats}), file=sys.stderr)  # like embed
     return 0
 
 
@@ -193,10 +207,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
             max_length=args.max_length or 128,
         )
     result = encoder.embed(texts, batch_size=_positive(args.batch_size, "--batch-size"))
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.npy")
-    np.save(tmp, result.embeddings, allow_pickle=False)
-    os.replace(tmp, output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, result.embeddings, allow_pickle=False)
+        os.replace(tmp, output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"--output {output}: cannot write ({exc.strerror or exc})") from None
     summary = {
         "output": str(output),
         "sentences": len(texts),

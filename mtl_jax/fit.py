@@ -118,6 +118,7 @@ class FitResult:
     eval: dict[str, dict[str, Any]]  # the last evaluation (empty without dev data)
     steps: int
     stopped: str  # "done", "early_stopping", "signal"
+    signum: int = 0  # with stopped == "signal": SIGINT or SIGTERM (the CLI exits 128 + signum)
 
 
 def total_steps(config: Config, steps_per_epoch: int) -> int:
@@ -183,7 +184,7 @@ def fit(
     train_step = make_train_step(model, optimizer, config)
     eval_step = make_eval_step(model, config)
 
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, "score")
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, "score", config=config)
     tracker = _Tracker(patience=config.train.early_stopping_patience)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -242,7 +243,14 @@ def fit(
             end_of_epoch = step % spe == 0 or step == n_steps
             if step % config.train.log_every == 0 or end_of_epoch or stop.raised:
                 summary = window.flush(step)  # raises TrainingError on a non-finite loss
-                logger.log(step, step / spe, "train", summary["loss"], summary["tasks"])
+                logger.log(
+                    step,
+                    step / spe,
+                    "train",
+                    summary["loss"],
+                    summary["tasks"],
+                    skipped=summary.get("skipped", 0),
+                )
                 bar.update_to(step, summary)
             if step % config.train.eval_every == 0 or end_of_epoch:
                 last_eval = evaluate(step)
@@ -262,9 +270,11 @@ def fit(
     finally:
         bar.close()
         stop.restore()
-        checkpointer.close()
-        logger.close()
-    return FitResult(state, config, model, last_eval, step, stopped)
+        try:
+            checkpointer.close()  # waits for the last save; raises if a write failed
+        finally:
+            logger.close()
+    return FitResult(state, config, model, last_eval, step, stopped, stop.signum)
 
 
 def evaluate_dataset(
@@ -364,6 +374,9 @@ class _Window:
             return {"loss": None, "tasks": {}, "examples_per_s": 0.0}
         self.check_finite(step)
         host = jax.device_get(self.items)
+        skipped = int(sum(int(m["skipped"]) for m in host))
+        # Batches train.skip_nonfinite threw away have no meaningful loss: leave them out.
+        host = [m for m in host if not int(m["skipped"])] or host
         elapsed = time.perf_counter() - self.started
         tasks = {}
         for name in sorted({k.split("/")[0] for m in host for k in m if "/" in k}):
@@ -377,7 +390,7 @@ class _Window:
             "loss": float(np.mean([m["loss"] for m in host])),
             "tasks": tasks,
             "examples_per_s": self.examples / max(elapsed, 1e-9),
-            "skipped": int(sum(int(m["skipped"]) for m in host)),
+            "skipped": skipped,
         }
         self.items, self.examples, self.started = [], 0, time.perf_counter()
         return summary
@@ -419,10 +432,20 @@ class _MetricsLogger:
                 continue  # a line cut by a kill
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
-    def log(self, step: int, epoch: float, split: str, loss: float | None, tasks: dict) -> None:
+    def log(
+        self,
+        step: int,
+        epoch: float,
+        split: str,
+        loss: float | None,
+        tasks: dict,
+        skipped: int = 0,
+    ) -> None:
         event: dict[str, Any] = {"step": step, "epoch": round(epoch, 4), "split": split}
         if loss is not None:
             event["loss"] = loss
+        if skipped:  # batches train.skip_nonfinite threw away since the last event
+            event["skipped"] = skipped
         for task, scores in tasks.items():
             for name in ("loss", "accuracy", "macro_f1"):
                 if name in scores:
@@ -445,6 +468,7 @@ class _StopFlag:
 
     def __init__(self, enabled: bool):
         self.raised = False
+        self.signum = 0
         self.previous: dict[int, Any] = {}
         if enabled:
             try:
@@ -456,7 +480,7 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:
         if self.raised:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.raised = True
+        self.raised, self.signum = True, signum
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -184,9 +184,9 @@ def load_trained(workdir: str, which: str = "latest") -> Trained:
 
     Raises:
       UserError: not a run directory, no complete checkpoint, or params that do not fit
-        the config saved with them.
+        the config saved with them (shapes, or the label names the checkpoint records).
     """
-    from mtl_jax.checkpoint import check_params_fit, open_run, restore_params
+    from mtl_jax.checkpoint import check_label_stamp, check_params_fit, open_run, restore_params
     from mtl_jax.encoder import Backbone
     from mtl_jax.model import build_model
 
@@ -197,13 +197,25 @@ def load_trained(workdir: str, which: str = "latest") -> Trained:
     params, meta = restore_params(workdir, which)
     params = {k: v for k, v in params.items() if k in ("backbone", "heads")}
     check_params_fit(params, expected, str(workdir))
+    check_label_stamp(meta, run.config, workdir)
     return Trained(run.config, model, params, run.tokenizer, int(meta.get("step", 0)))
 
 
-def predict_texts(trained: Trained, texts: Sequence[str], batch_size: int = 64) -> list[dict]:
-    """One record per sentence: ``{"text", <task>: {"label", "probs": {label: p}}}``."""
+def predict_texts(
+    trained: Trained,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    stats: dict[str, int] | None = None,
+) -> list[dict]:
+    """One record per sentence: ``{"text", <task>: {"label", "probs": {label: p}}}``.
+
+    With ``stats``, ``stats["truncated"]`` is set to the number of sentences cut at
+    ``model.max_length`` tokens.
+    """
     config = trained.config
     tokenized = tokenize(trained.tokenizer, list(texts), config.model.max_length)
+    if stats is not None:
+        stats["truncated"] = tokenized.truncated
     probs = predict_tokenized(
         trained.model,
         trained.params,

@@ -1,0 +1,241 @@
+"""Every ``mtl-jax`` command end to end on a tiny run, through ``cli.main(argv)``.
+
+The run (tiny random BERT, 256 synthetic rows, one epoch) is trained once per module; eval,
+predict and embed then read its run directory as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from compile_cache import compile_cache, session_cache_dir
+from sklearn.metrics import f1_score
+
+from mtl_jax import cli
+from mtl_jax.checkpoint import read_config
+from mtl_jax.config import apply_overrides, load_config
+from mtl_jax.fit import read_metrics
+from mtl_jax.inference import SentenceEncoder, load_trained
+from mtl_jax.presets import preset
+from mtl_jax.synthetic import make_rows, write_tsv
+
+SETS = [
+    'model.backbone="tiny"',
+    "model.max_length=32",
+    "data.synthetic_train_rows=256",
+    "data.synthetic_dev_rows=64",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.log_every=4",
+]
+TASKS = {
+    "genre": ["adventure", "humor", "mystery", "romance", "science_fiction"],
+    "sentiment": ["negative", "positive"],
+}
+SENTENCES = [
+    "the detective found a clue.",
+    "a robot on the ship",
+    "kiss",
+    "the clown laughed and the crowd laughed with him in the old theatre near the river "
+    "while the rain fell on the roof",
+    "she hated the dull letter",
+]
+
+
+def train_argv(*extra: str) -> list[str]:
+    return ["train", "--preset", "demo", *[a for s in SETS for a in ("--set", s)], *extra]
+
+
+def run_cli(argv: list[str], stdin: str | None = None) -> tuple[int, str, str]:
+    """``cli.main(argv)`` with stdout and stderr captured (usable in module fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        sys.stdin = old_stdin
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    with compile_cache(session_cache_dir(tmp_path_factory)):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``(workdir, summary)`` of the module's one tiny training run."""
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    code, out, err = run_cli(train_argv("--workdir", str(workdir), "--no-progress"))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    return workdir, json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """A labelled TSV that is not the training data."""
+    path = tmp_path_factory.mktemp("data") / "eval.tsv"
+    write_tsv(path, make_rows(40, seed=11))
+    return path
+
+
+def test_print_config_round_trips(tmp_path):
+    code, out, _ = run_cli(train_argv("--print-config"))
+    assert code == 0
+    path = tmp_path / "config.toml"
+    path.write_text(out, encoding="utf-8")
+    assert load_config(path) == apply_overrides(preset("demo"), SETS).validate()
+    code, again, _ = run_cli(["train", "--config", str(path), "--print-config"])
+    assert code == 0 and again == out
+
+
+def test_train_writes_a_complete_run_directory(trained):
+    workdir, summary = trained
+    assert summary["steps"] == 16 and summary["stopped"] == "done" and summary["skipped"] == 0
+    config = read_config(workdir)
+    assert {t.name: list(t.labels) for t in config.tasks} == TASKS
+    assert config == apply_overrides(preset("demo"), SETS).validate()
+    assert (workdir / "bert_config.json").is_file()
+    assert (workdir / "tokenizer" / "vocab.txt").is_file()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["16"]
+    assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()]
+
+    events = read_metrics(workdir)
+    train = [e for e in events if e["split"] == "train"]
+    dev = [e for e in events if e["split"] == "dev"]
+    assert [e["step"] for e in train] == [4, 8, 12, 16]
+    assert [e["step"] for e in dev] == [16]
+    for event in train:
+        assert {"step", "epoch", "split", "loss"} <= set(event)
+        assert {f"{t}/{m}" for t in TASKS for m in ("loss", "accuracy")} <= set(event)
+    assert dev[0]["epoch"] == 1.0
+    assert {f"{t}/{m}" for t in TASKS for m in ("accuracy", "macro_f1")} <= set(dev[0])
+    for task in TASKS:  # the printed summary is the last evaluation
+        assert summary["eval"][task]["accuracy"] == dev[0][f"{task}/accuracy"]
+        assert summary["eval"][task]["n"] == 64
+
+    event_files = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert event_files and all(f.stat().st_size > 0 for f in event_files)
+
+
+def test_eval_matches_a_hand_computation_from_predict(trained, labelled):
+    workdir, _ = trained
+    data = [f"{task}={labelled}" for task in TASKS]
+    code, out, err = run_cli(["eval", "--checkpoint", str(workdir), *_each("--data", data)])
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1
+    scores = json.loads(out)
+
+    code, out, err = run_cli(["predict", "--checkpoint", str(workdir), "--input", str(labelled)])
+    assert code == 0, err
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    rows = make_rows(40, seed=11)
+    assert [r["text"] for r in records] == [row["text"] for row in rows]
+
+    assert set(scores) == set(TASKS)
+    for task, labels in TASKS.items():
+        truth = np.array([labels.index(row[task]) for row in rows])
+        pred = np.array([labels.index(r[task]["label"]) for r in records])
+        confusion = np.zeros((len(labels), len(labels)), int)
+        np.add.at(confusion, (truth, pred), 1)
+        assert scores[task]["n"] == len(rows)
+        assert scores[task]["confusion"] == confusion.tolist()
+        assert scores[task]["accuracy"] == pytest.approx(np.mean(truth == pred))
+        assert scores[task]["macro_f1"] == pytest.approx(f1_score(truth, pred, average="macro"))
+
+    code, out, err = run_cli(
+        ["eval", "--checkpoint", str(workdir), "--which", "best", "--data", data[1]]
+    )
+    assert code == 0, err
+    assert set(json.loads(out)) == {"sentiment"}
+
+
+def _each(flag: str, values: list[str]) -> list[str]:
+    return [arg for value in values for arg in (flag, value)]
+
+
+def check_records(records: list[dict], texts: list[str]) -> None:
+    assert [r["text"] for r in records] == texts
+    for record in records:
+        assert set(record) == {"text", *TASKS}
+        for task, labels in TASKS.items():
+            probs = record[task]["probs"]
+            assert list(probs) == labels
+            assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+            assert record[task]["label"] == max(probs, key=probs.get)
+
+
+def test_predict_from_stdin_and_from_a_file(trained, tmp_path):
+    workdir, _ = trained
+    code, out, err = run_cli(
+        ["predict", "--checkpoint", str(workdir), "--input", "-", "--batch-size", "2"],
+        stdin="\n".join(SENTENCES) + "\n\n",  # blank lines are not sentences
+    )
+    assert code == 0, err
+    # The long sentence (out-of-vocabulary words split into characters) exceeds the run's
+    # model.max_length of 32 tokens.
+    assert json.loads(err) == {"sentences": 5, "truncated": 1}
+    from_stdin = [json.loads(line) for line in out.strip().splitlines()]
+    check_records(from_stdin, SENTENCES)
+
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    code, out, err = run_cli(["predict", "--checkpoint", str(workdir), "--input", str(path)])
+    assert code == 0, err
+    from_file = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r[t]["label"] for r in from_file for t in TASKS] == [
+        r[t]["label"] for r in from_stdin for t in TASKS
+    ]
+    for a, b in zip(from_file, from_stdin, strict=True):
+        for task in TASKS:
+            assert a[task]["probs"] == pytest.approx(b[task]["probs"], abs=1e-5)
+
+
+def test_embed_row_i_is_sentence_i(tmp_path):
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    output = tmp_path / "out" / "embeddings.npy"
+    argv = ["embed", "--model", "tiny", "--input", str(path), "--output", str(output)]
+    code, _, err = run_cli([*argv, "--batch-size", "2"])
+    assert code == 0, err
+    summary = json.loads(err)
+    assert summary == {"output": str(output), "sentences": 5, "dim": 32, "truncated": 0}
+    embeddings = np.load(output, allow_pickle=False)
+    assert embeddings.shape == (5, 32) and embeddings.dtype == np.float32
+    encoder = SentenceEncoder.load("tiny")  # the command's defaults: layer -2, mean pooling
+    for i, sentence in enumerate(SENTENCES):
+        np.testing.assert_allclose(
+            embeddings[i], encoder.embed([sentence]).embeddings[0], atol=1e-5
+        )
+
+
+def test_embed_with_a_trained_checkpoint(trained, tmp_path):
+    workdir, _ = trained
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    output = tmp_path / "embeddings.npy"
+    argv = ["embed", "--checkpoint", str(workdir), "--input", str(path), "--output", str(output)]
+    code, _, err = run_cli([*argv, "--normalize", "--batch-size", "2"])
+    assert code == 0, err
+    embeddings = np.load(output, allow_pickle=False)
+    encoder = load_trained(str(workdir)).encoder(normalize=True)
+    for i, sentence in enumerate(SENTENCES):
+        np.testing.assert_allclose(
+            embeddings[i], encoder.embed([sentence]).embeddings[0], atol=1e-5
+        )
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+
+    code, _, err = run_cli([*argv, "--pooling", "cls"])  # a checkpoint fixes its pooling
+    assert code == 2 and err.startswith("error: --pooling:")
