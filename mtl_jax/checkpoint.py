@@ -262,6 +262,16 @@ class Checkpointer:
                 force=True,
             )
 
+    def forget_best_after(self, step: int) -> None:
+        """Drop best checkpoints newer than a resumed step: the rerun evaluates them again.
+
+        A run killed after saving ``best/20`` but before ``checkpoints/20`` resumes from an
+        older step; without this, its own evaluation at step 20 would collide with the
+        stale one.
+        """
+        for stale in [s for s in self._best.all_steps() if s > step]:
+            self._best.delete(stale)
+
     def save_best(self, step: int, params: Params, meta: dict[str, Any], score: float) -> None:
         ocp = _ocp()
         with _writing(self.workdir / BEST_DIR):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="a .toml or .json config file")
     source.add_argument("--preset", default=None, help="a built-in config: demo | real")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    train.add_argument(
+        "--tasks", help="train only these tasks of the config (comma-separated names)"
+    )
     train.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
     train.add_argument("--print-config", action="store_true", help="print the config and exit")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,7 +95,14 @@ def resolve_train_config(args: argparse.Namespace):
     from mtl_jax.presets import preset
 
     config = load_config(args.config) if args.config else preset(args.preset or "demo")
-    return apply_overrides(config, args.overrides).validate()
+    config = apply_overrides(config, args.overrides)
+    if getattr(args, "tasks", None):
+        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        try:
+            config = dataclasses.replace(config, tasks=tuple(config.task(n) for n in names))
+        except UserError as exc:
+            raise UserError(f"--tasks: {exc}") from None
+    return config.validate()
 
 
 def cmd_train(args: argparse.Namespace) -> int:

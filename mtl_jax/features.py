@@ -87,15 +87,19 @@ def cache_embeddings(
     )
 
 
-def cached_batch(batch: Mapping[str, Any], cache: np.ndarray) -> dict[str, Any]:
+def cached_batch(
+    batch: Mapping[str, Any], cache: np.ndarray, keep: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """``batch`` plus ``"embedding"`` ``[B, hidden]``: the cache rows of ``batch["index"]``.
 
-    Padding rows (``index == -1``, labels ``-1``) get zeros; they carry no loss.
+    Padding rows (``index == -1``, labels ``-1``) get zeros; they carry no loss. With
+    ``keep``, only those keys of ``batch`` stay (the token arrays need not reach a device).
     """
     index = np.asarray(batch["index"])
     embedding = np.asarray(cache)[np.maximum(index, 0)]
     embedding[index < 0] = 0.0
-    return {**batch, "embedding": embedding}
+    kept = batch if keep is None else {k: batch[k] for k in keep if k in batch}
+    return {**kept, "embedding": embedding}
 
 
 def _run_heads(module: MultiTaskModel, embedding: jax.Array, deterministic: bool):

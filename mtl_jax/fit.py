@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax import data as data_lib
-from mtl_jax import parallel
+from mtl_jax import features, parallel
 from mtl_jax.checkpoint import Checkpointer, write_run_files
 from mtl_jax.config import Config
 from mtl_jax.encoder import Backbone, load_backbone
@@ -194,7 +194,18 @@ def fit(
         state = TrainState(step=jnp.asarray(latest, jnp.int32), params=params, opt_state=opt_state)
         state = parallel.place_state(state, mesh, fsdp)
         tracker = _Tracker.from_meta(meta, config.train.early_stopping_patience)
+        checkpointer.forget_best_after(latest)
     start = int(state.step)
+
+    # A frozen, deterministic backbone is a fixed function: embed each dataset once and
+    # train the heads from the cache (same state, same metrics, a fraction of the cost).
+    train_cache = dev_cache = None
+    if features.can_cache(config):
+        train_cache = features.cache_embeddings(model, state.params, run_data.train, config)
+        if run_data.dev is not None:
+            dev_cache = features.cache_embeddings(model, state.params, run_data.dev, config)
+        train_step = features.make_cached_train_step(model, optimizer, config)
+        eval_step = features.make_cached_eval_step(model, config)
 
     resumed_at = start if latest is not None else None
     logger = _MetricsLogger(workdir, resumed_at) if main else _NoLogger()
@@ -209,7 +220,7 @@ def fit(
     def evaluate(step: int) -> dict[str, dict[str, Any]]:
         if run_data.dev is None:
             return {}
-        scores = evaluate_dataset(eval_step, state.params, run_data.dev, config, mesh)
+        scores = evaluate_dataset(eval_step, state.params, run_data.dev, config, mesh, dev_cache)
         score = score_of(scores, config.train.best_metric)
         logger.log(step, step / spe, "dev", None, scores)
         if tracker.update(step, score):
@@ -235,9 +246,12 @@ def fit(
         for batch in data_lib.prefetch(stream):
             if step >= n_steps:
                 break
+            examples = int((batch["index"] >= 0).sum())
+            if train_cache is not None:
+                batch = features.cached_batch(batch, train_cache, keep=("labels", "index"))
             state, metrics = train_step(state, parallel.shard_batch(batch, mesh), train_key)
             step += 1
-            window.add(metrics, int((batch["index"] >= 0).sum()))
+            window.add(metrics, examples)
             if on_step is not None:
                 on_step(step)
             end_of_epoch = step % spe == 0 or step == n_steps
@@ -283,13 +297,17 @@ def evaluate_dataset(
     dataset: data_lib.Dataset,
     config: Config,
     mesh: jax.sharding.Mesh | None = None,
+    cache: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy, macro-F1, count and confusion per task over a labelled dataset.
 
-    With ``mesh``, each batch is split over its devices (see :func:`parallel.shard_batch`).
+    With ``mesh``, each batch is split over its devices (see :func:`parallel.shard_batch`);
+    with ``cache`` (the dataset's cached embeddings), ``eval_step`` is the cached one.
     """
     totals: dict[str, Any] = {}
     for batch in data_lib.eval_batches(dataset, config):
+        if cache is not None:
+            batch = features.cached_batch(batch, cache, keep=("labels", "index"))
         if mesh is not None:
             batch = parallel.shard_batch(batch, mesh)
         for task, cm in eval_step(params, batch).items():
