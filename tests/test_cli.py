@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from compile_cache import compile_cache, session_cache_dir
 from sklearn.metrics import f1_score
 
 from mtl_jax import cli
@@ -24,6 +23,8 @@ from mtl_jax.fit import read_metrics
 from mtl_jax.inference import SentenceEncoder, load_trained
 from mtl_jax.presets import preset
 from mtl_jax.synthetic import make_rows, write_tsv
+
+from compile_cache import compile_cache, session_cache_dir
 
 SETS = [
     'model.backbone="tiny"',

@@ -45,7 +45,7 @@ def test_overrides_address_tasks_by_name():
     [
         ("train.bogus=1", "unknown key 'train.bogus'"),
         ("tasks.nope.loss_weight=1", "no task named 'nope'"),
-        ("train.epochs=\"three\"", "'train.epochs' expects an integer"),
+        ('train.epochs="three"', "'train.epochs' expects an integer"),
         ("train.batch_size=1.5", "'train.batch_size' expects an integer"),
         ("model.normalize=1", "'model.normalize' expects true/false"),
         ("noequals", "expected dotted.key=value"),

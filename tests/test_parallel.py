@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from parallel_worker import max_rel_diff
 
 from mtl_jax import parallel
 from mtl_jax.checkpoint import restore_params
@@ -34,6 +33,7 @@ from mtl_jax.model import build_model
 from mtl_jax.train import build_train_step, create_train_state
 
 from conftest import make_fake_batch, replace_model
+from parallel_worker import max_rel_diff
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from compile_cache import compile_cache, session_cache_dir
 
 from mtl_jax import cli, config, fit
 from mtl_jax.errors import UserError
 from mtl_jax.synthetic import make_rows, write_tsv
+
+from compile_cache import compile_cache, session_cache_dir
 
 PACKAGE = Path(config.__file__).resolve().parent
 HEADER = "text\tgenre\tsentiment\n"

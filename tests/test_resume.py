@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from compile_cache import compile_cache, session_cache_dir
 
 from mtl_jax import cli
 from mtl_jax import fit as fit_lib
@@ -32,6 +31,8 @@ from mtl_jax.config import apply_overrides
 from mtl_jax.encoder import load_backbone
 from mtl_jax.fit import fit, load_run_data, read_metrics
 from mtl_jax.presets import preset
+
+from compile_cache import compile_cache, session_cache_dir
 
 HERE = Path(__file__).resolve().parent
 HELPER = HERE / "signal_cli.py"
