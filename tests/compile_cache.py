@@ -42,7 +42,10 @@ def compile_cache(directory: Path) -> Iterator[dict[str, str]]:
 
 
 def session_cache_dir(tmp_path_factory) -> Path:
-    """One cache directory for all test modules of this session."""
-    directory = tmp_path_factory.getbasetemp() / "jax_compile_cache"
+    """One cache directory for all test modules of this session (and its xdist workers)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the workers' basetemps share this parent
+    directory = base / "jax_compile_cache"
     directory.mkdir(exist_ok=True)
     return directory

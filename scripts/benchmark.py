@@ -1,0 +1,208 @@
+"""Throughput of mtl_jax against the PyTorch stack, on the same machine and the same work.
+
+Suites (each prints one JSON line per result):
+
+  train       fixed shapes, random ids, batch 32, --seq-len 64 128   (pt_multitask.py)
+  train-real  the real mixed SST-2 + Brown stream, batch 32, max_length 128, the library's
+              own length buckets and length grouping                  (pt_realdata.py)
+  encode      ../shared/bench/corpus.txt, 2,000 sentences, batch 64   (st_encode.py)
+  cache       frozen deterministic backbone: heads trained from cached embeddings vs the
+              full step, per epoch, and how far their results differ
+
+With --compare-pytorch PYTHON the matching baseline script in ../shared/bench runs with that
+interpreter in the same invocation, alternating with ours (--rounds times), and a ratio
+line follows (ours / PyTorch, > 1 = we are faster). Benchmarks report; they assert nothing.
+
+  python scripts/benchmark.py --suite train --freeze none --steps 6
+  python scripts/benchmark.py --suite train-real --compare-pytorch /tmp/ptvenv/bin/python
+  python scripts/benchmark.py --suite cache --cache-rows 1024 --cache-epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--suite", nargs="+", default=["train"], choices=["train", "train-real", "encode", "cache"]
+    )
+    p.add_argument("--freeze", default="none", choices=["none", "backbone"])
+    p.add_argument("--backbone-eval", action="store_true", help="no dropout inside BERT")
+    p.add_argument("--model", default="minilm", help="minilm | tiny | a BERT directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, nargs="+", default=[64, 128], help="train suite")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--buckets", type=int, nargs="+", help="padded lengths (default: the library's)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per result")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
+    p.add_argument("--repeats", type=int, default=3, help="encode: timed passes")
+    p.add_argument("--data-dir", default=None, help="default: $DATA_DIR or ../shared/data")
+    p.add_argument("--cache-rows", type=int, default=1024)
+    p.add_argument("--cache-epochs", type=int, default=3)
+    p.add_argument("--no-sync", action="store_true", help="dispatch steps without waiting each")
+    p.add_argument("--rounds", type=int, default=1, help="A/B rounds with --compare-pytorch")
+    p.add_argument("--compare-pytorch", metavar="PYTHON", help="interpreter with torch installed")
+    p.add_argument("--xla-flags", default="", help="appended to $XLA_FLAGS before JAX starts")
+    p.add_argument("--prng", default=None, help="jax_default_prng_impl (threefry2x32, rbg, ...)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 matmul peak")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def baseline_args(suite: str, args: argparse.Namespace, data_dir: str) -> tuple[str, list[str]]:
+    """The shared baseline script and arguments measuring the same work as ``suite``."""
+    train = ["--freeze", args.freeze, "--batch", str(args.batch), "--steps", str(args.steps)]
+    train += ["--warmup", str(args.warmup)] + (["--backbone-eval"] if args.backbone_eval else [])
+    if suite == "train":
+        return "pt_multitask.py", train + ["--seq-len", *map(str, args.seq_len)]
+    if suite == "train-real":
+        return "pt_realdata.py", train + [
+            "--data-dir",
+            data_dir,
+            "--max-length",
+            str(args.max_length),
+        ]
+    if suite == "cache":  # what a frozen eval-mode PyTorch epoch costs
+        frozen = ["--freeze", "backbone", "--backbone-eval", "--batch", str(args.batch)]
+        return "pt_realdata.py", frozen + ["--steps", str(args.steps), "--data-dir", data_dir]
+    return "st_encode.py", ["--batch", "64", "--repeats", str(args.repeats)]
+
+
+def baseline_summary(suite: str, raw: dict) -> list[dict]:
+    """The baseline's numbers in our result keys (one per sequence length for ``train``)."""
+    if suite == "train":
+        return [
+            {
+                "seq_len": r["seq_len"],
+                "examples_per_s": r["examples_per_s"]["median"],
+                "real_tokens_per_s": r["tokens_per_s_median"],
+                "step_s": r["step_time_s"],
+            }
+            for r in raw["results"]
+        ]
+    if suite == "encode":
+        return [
+            {
+                "sentences_per_s": raw["sentences_per_s"]["median"],
+                "real_tokens_per_s": raw["real_tokens_per_s_median"],
+                "step_s": raw["encode_time_s"],
+            }
+        ]
+    return [
+        {
+            "examples_per_s": raw["examples_per_s"],
+            "real_tokens_per_s": raw["real_tokens_per_s"],
+            "padding_share": raw["padding_fraction"],
+            "step_s": raw["step_time_s"],
+        }
+    ]
+
+
+RATIO_KEYS = ("examples_per_s", "sentences_per_s", "real_tokens_per_s")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    import jax
+
+    if args.prng:
+        jax.config.update("jax_default_prng_impl", args.prng)
+
+    from mtl_jax import bench
+    from mtl_jax.encoder import load_backbone
+
+    data_dir = args.data_dir or os.environ.get("DATA_DIR") or "../shared/data"
+    opts = bench.Options(
+        backbone=args.model,
+        freeze=args.freeze,
+        backbone_eval=args.backbone_eval,
+        dtype=args.dtype,
+        batch_size=args.batch,
+        seq_lens=tuple(args.seq_len),
+        max_length=args.max_length,
+        buckets=tuple(args.buckets) if args.buckets else None,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        data_dir=data_dir,
+        cache_rows=args.cache_rows,
+        cache_epochs=args.cache_epochs,
+        sync=not args.no_sync,
+        seed=args.seed,
+    )
+    log = bench.CompileLog()
+    peak = bench.matmul_gflops(args.peak_size)
+    backbone = load_backbone(args.model)
+    for suite_name in args.suite:
+        suite = bench.SUITES[suite_name](opts, backbone, log, peak)
+        ours_rounds, theirs_rounds = [], []
+        for rnd in range(args.rounds):
+            results = suite.measure()
+            for r in results:
+                emit(
+                    {
+                        **r,
+                        "framework": "mtl_jax",
+                        "round": rnd,
+                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                        "prng": str(jax.config.jax_default_prng_impl),
+                    }
+                )
+            ours_rounds.append(results)
+            if args.compare_pytorch:
+                script, extra = baseline_args(suite_name, args, data_dir)
+                raw = bench.run_baseline(args.compare_pytorch, script, extra)
+                theirs = baseline_summary(suite_name, raw)
+                for r in theirs:
+                    emit(
+                        {
+                            "suite": suite_name,
+                            "framework": "pytorch",
+                            "script": script,
+                            "round": rnd,
+                            "freeze": raw.get("freeze"),
+                            "peak_rss_mb": raw.get("peak_rss_mb_self"),
+                            **r,
+                        }
+                    )
+                theirs_rounds.append(theirs)
+        if args.compare_pytorch:
+            for i in range(len(theirs_rounds[0])):
+                line = {
+                    "suite": suite_name,
+                    "ratio": "mtl_jax / pytorch, median over rounds",
+                    "freeze": args.freeze if suite_name != "encode" else None,
+                }
+                if "seq_len" in theirs_rounds[0][i]:
+                    line["seq_len"] = theirs_rounds[0][i]["seq_len"]
+                for key in RATIO_KEYS:
+                    ours = [r[i].get(key) for r in ours_rounds if i < len(r)]
+                    theirs = [r[i].get(key) for r in theirs_rounds]
+                    if all(ours) and all(theirs):
+                        line[key] = bench.ratio(statistics.median(ours), statistics.median(theirs))
+                if suite_name == "train-real":
+                    est = [r[0]["epoch_estimate"]["examples_per_s"] for r in ours_rounds]
+                    theirs = [r[0]["examples_per_s"] for r in theirs_rounds]
+                    line["epoch_estimate_examples_per_s"] = bench.ratio(
+                        statistics.median(est), statistics.median(theirs)
+                    )
+                emit(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Benchmark helpers: the workload matches the PyTorch baseline's, the script runs.
+
+No timing is asserted anywhere: benchmarks report, tests check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtl_jax import bench
+from mtl_jax.synthetic import make_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flops_match_the_shared_baseline_formula():
+    """Same count as ``benchlib.step_flops(...)["effective"]`` for MiniLM (5 layers run)."""
+    path = Path(bench.bench_dir()) / "benchlib.py"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    sys.path.insert(0, str(path.parent))
+    try:
+        benchlib = _load("benchlib", path)
+    finally:
+        sys.path.remove(str(path.parent))
+    from transformers import BertConfig
+
+    minilm = BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6)
+    heads = benchlib.head_param_count()
+    for mode, kind in (("train_full", "train_full"), ("infer", "infer")):
+        for seq in (16, 128):
+            ours = bench.step_flops(minilm, 5, heads, 32, seq, mode)
+            theirs = benchlib.step_flops(32, seq, kind, layers_used=5)["effective"]
+            assert ours == pytest.approx(theirs, rel=1e-12), (mode, seq)
+    frozen = bench.step_flops(minilm, 5, heads, 32, 64, "train_frozen")
+    cached = bench.step_flops(minilm, 5, heads, 32, 64, "train_cached")
+    assert cached == 6 * heads * 32 < frozen
+
+
+def test_bench_config_is_the_baselines_optimiser():
+    config = bench.bench_config(backbone="tiny", freeze="backbone", backbone_eval=True)
+    train = config.train
+    assert (train.learning_rate, train.head_learning_rate, train.weight_decay) == (2e-5, 2e-5, 0.01)
+    assert (train.grad_clip, train.lr_schedule, train.warmup_steps) == (0.0, "constant", 0)
+    assert config.model.backbone_dropout is False
+    assert [t.name for t in config.tasks] == ["genre", "sentiment"]
+
+
+def test_subset_keeps_rows_aligned(tiny_config, tiny_backbone):
+    from mtl_jax.data import dataset_from_rows
+
+    full = dataset_from_rows(make_rows(30, seed=4), tiny_config, tiny_backbone.tokenizer)
+    part = bench.subset(full, 10, seed=1)
+    assert len(part) == 10
+    for i, text in enumerate(part.texts):
+        j = full.texts.index(text)
+        np.testing.assert_array_equal(part.input_ids[i], full.input_ids[j])
+        np.testing.assert_array_equal(part.labels[i], full.labels[j])
+
+
+@pytest.mark.slow
+def test_benchmark_script_prints_one_json_line_per_result():
+    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    out = io.StringIO()
+    argv = ["--model", "tiny", "--suite", "train", "--seq-len", "16", "--steps", "2"]
+    with redirect_stdout(out):
+        assert script.main([*argv, "--warmup", "1", "--batch", "4", "--peak-size", "256"]) == 0
+    (line,) = out.getvalue().splitlines()
+    result = json.loads(line)
+    for key in ("suite", "freeze", "examples_per_s", "real_tokens_per_s", "step_s", "compiles"):
+        assert key in result
+    for key in ("compile_s", "peak_rss_mb", "mfu", "device"):
+        assert key in result
+    assert result["compiles"] >= 1 and result["recompiles_while_timed"] == 0
+    assert set(result["step_s"]) >= {"min", "median", "max"}
