@@ -212,6 +212,13 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     }
 
 
+def step_summary(times: Sequence[float], steps: int, sync: bool) -> dict[str, float]:
+    """:func:`summarize` of per-step times, or the mean step of one pipelined total."""
+    if sync:
+        return summarize(times)
+    return {"n": steps, **dict.fromkeys(("min", "median", "max"), times[0] / steps)}
+
+
 def time_steps(
     step: Callable[[Any, dict], tuple[Any, dict]],
     state: Any,
@@ -402,11 +409,7 @@ class TrainFixed(Suite):
             self.state, _, _ = time_steps(self.step, self.state, [batch] * max(o.warmup - 1, 0))
             with self.log.count() as c:
                 self.state, times, _ = time_steps(self.step, self.state, [batch] * o.steps, o.sync)
-            t = (
-                summarize(times)
-                if o.sync
-                else {"n": o.steps, **dict.fromkeys(("min", "median", "max"), times[0] / o.steps)}
-            )
+            t = step_summary(times, o.steps, o.sync)
             flops = step_flops(
                 self.backbone.bert_config,
                 self.model.n_layers,
@@ -525,11 +528,7 @@ class TrainReal(Suite):
             batches = itertools.islice(self.stream, o.steps)
             self.state, times, fed = time_steps(self.step, self.state, batches, o.sync)
         total = sum(times)
-        t = (
-            summarize(times)
-            if o.sync
-            else {"n": o.steps, **dict.fromkeys(("min", "median", "max"), total / o.steps)}
-        )
+        t = step_summary(times, o.steps, o.sync)
         tok = token_counts(fed)
         rows = int(sum((b["index"] >= 0).sum() for b in fed))
         flops = sum(
