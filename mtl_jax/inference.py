@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.data import inference_batches
+from mtl_jax.data import inference_batches, restore_order
 from mtl_jax.encoder import Tokenized, tokenize
 from mtl_jax.model import MultiTaskModel
 
@@ -47,6 +47,17 @@ def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def _map_batches(fn, tokenized: Tokenized, batch_size: int, buckets, max_length: int):
+    """``fn`` over length-sorted, bucketed batches; outputs back in input order."""
+    if len(tokenized) == 0:
+        raise ValueError("no sentences to run the model on")
+    chunks, indices = [], []
+    for rows, batch in inference_batches(tokenized, batch_size, buckets, max_length):
+        chunks.append(jax.device_get(fn(_model_inputs(batch))))
+        indices.append(rows)
+    return restore_order(chunks, indices, len(tokenized))
+
+
 def embed_tokenized(
     model: MultiTaskModel,
     params: Params,
@@ -57,15 +68,8 @@ def embed_tokenized(
     max_length: int = 128,
 ) -> np.ndarray:
     """Pooled embeddings ``[N, hidden]`` (float32), row ``i`` for sentence ``i``."""
-    out = None
-    for indices, batch in inference_batches(tokenized, batch_size, buckets, max_length):
-        emb = np.asarray(_embed_batch(model, params, _model_inputs(batch)))
-        if out is None:
-            out = np.zeros((len(tokenized), emb.shape[-1]), np.float32)
-        out[indices] = emb[: len(indices)]
-    if out is None:
-        raise ValueError("nothing to embed: no sentences")
-    return out
+    embed = functools.partial(_embed_batch, model, params)
+    return _map_batches(embed, tokenized, batch_size, buckets, max_length)
 
 
 def predict_tokenized(
@@ -78,15 +82,11 @@ def predict_tokenized(
     max_length: int = 128,
 ) -> dict[str, np.ndarray]:
     """Class probabilities per task ``{task: [N, num_labels]}``, in input order."""
-    out: dict[str, np.ndarray] = {}
-    for indices, batch in inference_batches(tokenized, batch_size, buckets, max_length):
-        probs, _ = _predict_batch(model, params, _model_inputs(batch))
-        for task, p in probs.items():
-            p = np.asarray(p)
-            if task not in out:
-                out[task] = np.zeros((len(tokenized), p.shape[-1]), np.float32)
-            out[task][indices] = p[: len(indices)]
-    return out
+
+    def probs(batch):
+        return _predict_batch(model, params, batch)[0]
+
+    return _map_batches(probs, tokenized, batch_size, buckets, max_length)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from mtl_jax.bench import random_batch
 from mtl_jax.config import Config, ModelConfig, TrainConfig, default_tasks
 from mtl_jax.encoder import load_backbone
 from mtl_jax.freezing import freeze_schedule, make_optimizer, param_groups
@@ -20,20 +21,6 @@ from mtl_jax.model import build_model, init_params
 from mtl_jax.train import create_train_state, make_train_step
 
 STRATEGIES = ("all", "backbone", "head:genre", "top:2", "gradual", "none")
-
-
-def fake_batch(config: Config, batch: int, seq: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int32)
-    labels = {
-        t.name: rng.integers(0, t.num_labels, size=batch).astype(np.int32) for t in config.tasks
-    }
-    return {
-        "input_ids": ids,
-        "attention_mask": np.ones_like(ids),
-        "token_type_ids": np.zeros_like(ids),
-        "labels": labels,
-    }
 
 
 def main() -> None:
@@ -50,7 +37,7 @@ def main() -> None:
     backbone = load_backbone(args.model)
     model = build_model(base, backbone)
     params = init_params(model, jax.random.key(0), backbone)
-    batch = fake_batch(base, args.batch, args.seq_len)
+    batch = random_batch(base, args.batch, args.seq_len, backbone.bert_config.vocab_size)
     rows = []
     for strategy in STRATEGIES:
         train_cfg = TrainConfig(freeze=strategy, unfreeze_unit="steps", unfreeze_every=100)
