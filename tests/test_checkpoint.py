@@ -1,0 +1,23 @@
+"""Checkpointer details that the end-to-end resume tests do not reach."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mtl_jax.checkpoint import Checkpointer
+
+
+def test_resume_forgets_best_checkpoints_newer_than_the_resumed_step(tmp_path):
+    """A kill after best/20 but before checkpoints/20: the rerun evaluates step 20 again."""
+    params = {"w": np.arange(3, dtype=np.float32)}
+    first = Checkpointer(tmp_path, keep=2)
+    first.save(10, params, {"count": np.zeros(())}, {"step": 10})
+    first.save_best(20, params, {"step": 20}, score=0.5)
+    first.close()
+
+    rerun = Checkpointer(tmp_path, keep=2)
+    assert rerun.latest_step() == 10
+    rerun.forget_best_after(10)
+    rerun.save_best(20, {"w": params["w"] + 1}, {"step": 20}, score=0.7)  # no collision
+    rerun.close()
+    assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()) == ["20"]
