@@ -18,6 +18,7 @@ import numpy as np
 from mtl_jax.data import inference_batches, restore_order
 from mtl_jax.encoder import Tokenized, tokenize
 from mtl_jax.model import MultiTaskModel
+from mtl_jax.train import make_predict_fn
 
 Params = dict[str, Any]
 DEFAULT_BUCKETS = (16, 32, 64, 128)
@@ -33,14 +34,6 @@ def _embed_batch(model: MultiTaskModel, params: Params, batch: dict) -> jax.Arra
         method=MultiTaskModel.embed,
     )
     return embedding
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _predict_batch(model: MultiTaskModel, params: Params, batch: dict):
-    logits, aux = model.apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-    )
-    return {t: jax.nn.softmax(v, axis=-1) for t, v in logits.items()}, aux["embedding"]
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -83,8 +76,10 @@ def predict_tokenized(
 ) -> dict[str, np.ndarray]:
     """Class probabilities per task ``{task: [N, num_labels]}``, in input order."""
 
+    predict = make_predict_fn(model)
+
     def probs(batch):
-        return _predict_batch(model, params, batch)[0]
+        return predict(params, batch)[0]
 
     return _map_batches(probs, tokenized, batch_size, buckets, max_length)
 

@@ -8,6 +8,7 @@ the fit loop decides when to read metrics back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -227,26 +228,27 @@ def make_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[st
     return eval_step
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(model: Any, params: Any, batch: Batch):
+    logits, aux = model.apply(
+        {"params": model_params(params)},
+        batch["input_ids"],
+        batch["attention_mask"],
+        _token_types(batch),
+        deterministic=True,
+    )
+    probs = {task: jax.nn.softmax(x, axis=-1) for task, x in logits.items()}
+    return probs, aux["embedding"]
+
+
 def make_predict_fn(model: Any) -> Callable[[Any, Batch], tuple[dict[str, jax.Array], jax.Array]]:
     """``predict(params, batch) -> ({task: [B, K] probabilities}, [B, hidden] embedding)``.
 
-    Deterministic and jitted; the embedding is the pooled one the heads read.
+    Deterministic and jitted with the (hashable) model static, so every predictor of the
+    same model shares its compiled programs; the embedding is the pooled one the heads read.
     """
 
-    def predict(params, batch):
-        logits, aux = model.apply(
-            {"params": model_params(params)},
-            batch["input_ids"],
-            batch["attention_mask"],
-            _token_types(batch),
-            deterministic=True,
-        )
-        probs = {task: jax.nn.softmax(x, axis=-1) for task, x in logits.items()}
-        return probs, aux["embedding"]
-
-    jitted = jax.jit(predict)
-
     def predict_fn(params, batch):
-        return jitted(params, {k: batch[k] for k in MODEL_INPUTS if k in batch})
+        return _predict(model, params, {k: batch[k] for k in MODEL_INPUTS if k in batch})
 
     return predict_fn
