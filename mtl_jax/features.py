@@ -29,7 +29,7 @@ from mtl_jax.data import Dataset
 from mtl_jax.errors import UserError
 from mtl_jax.freezing import backbone_trainable
 from mtl_jax.inference import embed_tokenized
-from mtl_jax.metrics import confusion_matrix
+from mtl_jax.metrics import eval_counts
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.train import Batch, Metrics, TrainState, build_train_step
 
@@ -180,23 +180,19 @@ def make_cached_train_step(
 def make_cached_eval_step(
     model: MultiTaskModel, config: Config
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """``eval_step(params, batch) -> {task: [K, K] confusion}`` on cached embeddings.
+    """``eval_step(params, batch) -> {task: counts}`` on cached embeddings.
 
     The counterpart of :func:`mtl_jax.train.make_eval_step` for a dev set whose
     embeddings were cached (:func:`cache_embeddings`, :func:`cached_batch`); rows with
     label ``-1`` or ``valid == False`` are not counted.
     """
-    num_labels = {t.name: t.num_labels for t in config.tasks}
 
     def eval_step(params, batch):
         logits = model.apply(
             {"params": {"heads": params["heads"]}}, batch["embedding"], True, method=_run_heads
         )
         valid = batch.get("valid")
-        return {
-            task: confusion_matrix(batch["labels"][task], x.argmax(-1), num_labels[task], valid)
-            for task, x in logits.items()
-        }
+        return {task: eval_counts(batch["labels"][task], x, valid) for task, x in logits.items()}
 
     jitted = jax.jit(eval_step)
 

@@ -222,7 +222,7 @@ def fit(
             return {}
         scores = evaluate_dataset(eval_step, state.params, run_data.dev, config, mesh, dev_cache)
         score = score_of(scores, config.train.best_metric)
-        logger.log(step, step / spe, "dev", None, scores)
+        logger.log(step, step / spe, "dev", weighted_loss(scores, config), scores)
         if tracker.update(step, score):
             meta = {"step": step, "scores": scores}
             checkpointer.save_best(step, _host_copy(state.params), meta, score)
@@ -299,7 +299,7 @@ def evaluate_dataset(
     mesh: jax.sharding.Mesh | None = None,
     cache: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy, macro-F1, count and confusion per task over a labelled dataset.
+    """Accuracy, macro-F1, mean loss, count and confusion per task over a labelled dataset.
 
     With ``mesh``, each batch is split over its devices (see :func:`parallel.shard_batch`);
     with ``cache`` (the dataset's cached embeddings), ``eval_step`` is the cached one.
@@ -310,10 +310,23 @@ def evaluate_dataset(
             batch = features.cached_batch(batch, cache, keep=("labels", "index"))
         if mesh is not None:
             batch = parallel.shard_batch(batch, mesh)
-        for task, cm in eval_step(params, batch).items():
-            totals[task] = cm if task not in totals else totals[task] + cm
+        for task, counts in eval_step(params, batch).items():
+            totals[task] = (
+                counts if task not in totals else jax.tree.map(jnp.add, totals[task], counts)
+            )
     scores = summarize(totals)
     return {t: s for t, s in scores.items() if s["n"] > 0}
+
+
+def weighted_loss(scores: dict[str, dict[str, Any]], config: Config) -> float | None:
+    """The dev counterpart of the train loss: ``sum_t w_t * CE_t`` over the scored tasks.
+
+    Fixed weights only (learned uncertainty weights are a training device, not a measure);
+    None when no task was scored.
+    """
+    weights = {t.name: t.loss_weight for t in config.tasks}
+    terms = [weights[t] * s["loss"] for t, s in scores.items() if "loss" in s]
+    return float(sum(terms)) if terms else None
 
 
 def score_of(scores: dict[str, dict[str, Any]], metric: str) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def confusion_matrix(
@@ -42,6 +43,30 @@ def confusion_matrix(
     return counts.reshape(num_labels, num_labels)
 
 
+def eval_counts(
+    labels: jax.Array,
+    logits: jax.Array,
+    valid: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """One batch's additive evaluation counts for one task.
+
+    Returns ``{"confusion": [K, K] int32, "loss_sum": float32}``: the confusion matrix of
+    the argmax predictions and the summed cross-entropy over the same counted rows (label
+    not ``-1``, ``valid`` if given). Both add across batches, so :func:`summarize` of the
+    totals never depends on the batching.
+    """
+    labels = jnp.asarray(labels)
+    num_labels = logits.shape[-1]
+    cm = confusion_matrix(labels, logits.argmax(-1), num_labels, valid)
+    keep = (labels >= 0) & (labels < num_labels)
+    if valid is not None:
+        keep = keep & jnp.asarray(valid).astype(bool)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.where(keep, labels, 0)
+    )
+    return {"confusion": cm, "loss_sum": jnp.where(keep, ce, 0.0).sum()}
+
+
 def accuracy(cm: jax.Array) -> jax.Array:
     """Fraction of counted rows on the diagonal; ``0`` for an empty matrix."""
     cm = jnp.asarray(cm)
@@ -68,18 +93,26 @@ def summarize(confusions: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Plain-Python scores per task, ready for JSON and logs.
 
     Args:
-        confusions: ``{task: [K, K]}`` summed confusion matrices.
+        confusions: ``{task: [K, K]}`` summed confusion matrices, or ``{task: counts}``
+            with counts the summed :func:`eval_counts` (which adds the mean ``loss``).
 
     Returns:
-        ``{task: {"accuracy": float, "macro_f1": float, "n": int, "confusion": [[int]]}}``.
+        ``{task: {"accuracy": float, "macro_f1": float, "n": int, "confusion": [[int]]}}``,
+        plus ``"loss"`` (mean cross-entropy over the counted rows) from :func:`eval_counts`.
     """
     out = {}
-    for task, cm in confusions.items():
-        cm = np.asarray(jax.device_get(cm), dtype=np.int64)
+    for task, counts in confusions.items():
+        loss_sum = None
+        if isinstance(counts, Mapping):
+            counts, loss_sum = counts["confusion"], counts["loss_sum"]
+        cm = np.asarray(jax.device_get(counts), dtype=np.int64)
+        n = int(cm.sum())
         out[task] = {
             "accuracy": float(accuracy(cm)),
             "macro_f1": float(macro_f1(cm)),
-            "n": int(cm.sum()),
+            "n": n,
             "confusion": cm.tolist(),
         }
+        if loss_sum is not None:
+            out[task]["loss"] = float(jax.device_get(loss_sum)) / max(n, 1)
     return out

@@ -20,7 +20,7 @@ import optax
 from mtl_jax.config import Config
 from mtl_jax.freezing import backbone_trainable, find_gate_state
 from mtl_jax.losses import multitask_loss
-from mtl_jax.metrics import confusion_matrix
+from mtl_jax.metrics import eval_counts
 
 Batch = Mapping[str, Any]
 Metrics = dict[str, jax.Array]
@@ -192,7 +192,6 @@ def jit_train_step(
 
 def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """The pure, unjitted eval step (see :func:`make_eval_step`)."""
-    num_labels = {t.name: t.num_labels for t in config.tasks}
 
     def eval_step(params, batch):
         logits, _ = model.apply(
@@ -204,9 +203,7 @@ def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[s
         )
         valid = batch.get("valid")
         return {
-            task: confusion_matrix(
-                batch["labels"][task], task_logits.argmax(-1), num_labels[task], valid
-            )
+            task: eval_counts(batch["labels"][task], task_logits, valid)
             for task, task_logits in logits.items()
         }
 
@@ -214,9 +211,11 @@ def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[s
 
 
 def make_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """``eval_step(params, batch) -> {task: [K, K] int32 confusion}``, deterministic, jitted.
+    """``eval_step(params, batch) -> {task: counts}``, deterministic, jitted.
 
-    Sum the matrices over batches and score them with :func:`mtl_jax.metrics.summarize`.
+    ``counts`` is :func:`mtl_jax.metrics.eval_counts`: ``{"confusion": [K, K] int32,
+    "loss_sum": float32}``. Sum them over batches (``jax.tree.map(jnp.add, ...)``) and score
+    the totals with :func:`mtl_jax.metrics.summarize`.
     Rows labelled ``-1`` for a task, and rows with ``batch["valid"] == False`` (padding of a
     last, short batch) if that key is present, are not counted.
     """

@@ -122,9 +122,13 @@ def test_train_writes_a_complete_run_directory(trained):
         assert {"step", "epoch", "split", "loss"} <= set(event)
         assert {f"{t}/{m}" for t in TASKS for m in ("loss", "accuracy")} <= set(event)
     assert dev[0]["epoch"] == 1.0
-    assert {f"{t}/{m}" for t in TASKS for m in ("accuracy", "macro_f1")} <= set(dev[0])
+    assert {f"{t}/{m}" for t in TASKS for m in ("loss", "accuracy", "macro_f1")} <= set(dev[0])
+    weights = {t.name: t.loss_weight for t in config.tasks}
+    expected_loss = sum(weights[t] * dev[0][f"{t}/loss"] for t in TASKS)
+    assert dev[0]["loss"] == pytest.approx(expected_loss, rel=1e-6) and dev[0]["loss"] > 0
     for task in TASKS:  # the printed summary is the last evaluation
         assert summary["eval"][task]["accuracy"] == dev[0][f"{task}/accuracy"]
+        assert summary["eval"][task]["loss"] == dev[0][f"{task}/loss"]
         assert summary["eval"][task]["n"] == 64
 
     event_files = list((workdir / "tensorboard").glob("events.out.tfevents.*"))

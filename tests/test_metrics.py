@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from sklearn.metrics import log_loss as sk_log_loss
 
-from mtl_jax.metrics import accuracy, confusion_matrix, macro_f1, summarize
+from mtl_jax.metrics import accuracy, confusion_matrix, eval_counts, macro_f1, summarize
 
 
 def random_case(seed: int, n: int = 40, k: int = 6):
@@ -73,3 +74,23 @@ def test_summarize_gives_plain_python():
         genre["confusion"]
         == sk_confusion_matrix(labels[keep], preds[keep], labels=list(range(k))).tolist()
     )
+
+
+def test_eval_counts_loss_equals_sklearn_log_loss():
+    rng = np.random.default_rng(3)
+    k, n = 4, 50
+    logits = rng.normal(size=(n, k)).astype(np.float32)
+    labels = rng.integers(-1, k, size=n)
+    valid = rng.random(n) > 0.2
+    halves = [
+        eval_counts(labels[s], jnp.asarray(logits[s]), valid[s])
+        for s in (slice(0, 20), slice(20, n))
+    ]
+    total = jax.tree.map(jnp.add, *halves)
+    scores = summarize({"genre": total})["genre"]
+    keep = (labels >= 0) & valid
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert scores["n"] == keep.sum()
+    expected = sk_log_loss(labels[keep], probs[keep], labels=list(range(k)))
+    assert scores["loss"] == pytest.approx(expected, rel=1e-5)
+    assert scores["accuracy"] == pytest.approx(np.mean(probs[keep].argmax(1) == labels[keep]))

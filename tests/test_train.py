@@ -189,7 +189,7 @@ def test_eval_and_predict_agree(tiny_config, tiny_model, tiny_params):
     batch = make_fake_batch(tiny_config, seed=4)
     batch["valid"] = np.arange(8) < 6  # the last two rows pad a short batch
     probs, embedding = make_predict_fn(tiny_model)(tiny_params, batch)
-    confusions = make_eval_step(tiny_model, tiny_config)(tiny_params, batch)
+    counts = make_eval_step(tiny_model, tiny_config)(tiny_params, batch)
     assert embedding.shape == (8, 32)
     for task in tiny_config.tasks:
         p = np.asarray(probs[task.name])
@@ -198,5 +198,8 @@ def test_eval_and_predict_agree(tiny_config, tiny_model, tiny_params):
         keep = (labels >= 0) & batch["valid"]
         expected = np.zeros((task.num_labels, task.num_labels), np.int32)
         np.add.at(expected, (labels[keep], p.argmax(axis=1)[keep]), 1)
-        np.testing.assert_array_equal(confusions[task.name], expected)
-        assert confusions[task.name].dtype == jnp.int32
+        np.testing.assert_array_equal(counts[task.name]["confusion"], expected)
+        assert counts[task.name]["confusion"].dtype == jnp.int32
+        # The loss sum is the cross-entropy of the predicted probabilities, counted rows only.
+        hand = -np.log(p[np.flatnonzero(keep), labels[keep]]).sum()
+        np.testing.assert_allclose(counts[task.name]["loss_sum"], hand, rtol=1e-5)
