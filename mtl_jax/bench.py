@@ -155,11 +155,15 @@ def step_flops(
     return float(flops)
 
 
-def matmul_gflops(n: int = 2048, reps: int = 8) -> float:
-    """float32 ``n x n`` matmul GFLOP/s through XLA (best of ``reps``; cf. matmul_peak.py)."""
+def matmul_gflops(n: int = 2048, reps: int = 8, dtype: str = "float32") -> float:
+    """``n x n`` matmul GFLOP/s through XLA (best of ``reps``; cf. matmul_peak.py).
+
+    float32 is the CPU's limit; on GPU/TPU pass ``"bfloat16"`` (and a larger ``n``) for the
+    tensor-core peak that bf16 training is measured against.
+    """
     rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
-    b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype=dtype)
+    b = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype=dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
     times = []

@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MIXINGS = ("proportional", "temperature", "round_robin")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 FREEZE_PATTERN = re.compile(r"^(none|all|backbone|gradual|head:[A-Za-z_][\w-]*|top:\d+)$")
+CLASS_WEIGHTINGS = ("none", "balanced")
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -58,6 +59,8 @@ class TaskConfig:
     text_column: str = "text"
     label_column: str = ""  # empty: the task's name
     loss_weight: float = 1.0
+    class_weighting: str = "none"  # none | balanced: n / (K * n_c) from the training labels
+    class_weights: tuple[float, ...] = ()  # per label, in label order; empty: all 1
     hidden: tuple[int, ...] = (128,)  # widths of the head's hidden blocks
     dropout: float = 0.0  # dropout after each hidden block of the head
 
@@ -78,6 +81,30 @@ class TaskConfig:
             self.name,
         )
         _check(self.loss_weight >= 0, f"{key}.loss_weight", "a number >= 0", self.loss_weight)
+        _check(
+            self.class_weighting in CLASS_WEIGHTINGS,
+            f"{key}.class_weighting",
+            f"one of {CLASS_WEIGHTINGS}",
+            self.class_weighting,
+        )
+        _check(
+            all(w >= 0 for w in self.class_weights),
+            f"{key}.class_weights",
+            "numbers >= 0",
+            self.class_weights,
+        )
+        _check(
+            not self.class_weights or any(w > 0 for w in self.class_weights),
+            f"{key}.class_weights",
+            "at least one weight > 0",
+            self.class_weights,
+        )
+        _check(
+            not (self.class_weights and self.labels) or len(self.class_weights) == len(self.labels),
+            f"{key}.class_weights",
+            f"one weight per label ({len(self.labels)}: {list(self.labels)})",
+            self.class_weights,
+        )
         _check(0 <= self.dropout < 1, f"{key}.dropout", "a number in [0, 1)", self.dropout)
         _check(all(h > 0 for h in self.hidden), f"{key}.hidden", "positive widths", self.hidden)
         _check(

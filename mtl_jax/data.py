@@ -426,6 +426,25 @@ def resolve_labels(config: Config, skip_empty: bool = False) -> Config:
     return config.with_labels(found)
 
 
+def resolve_class_weights(config: Config, train: Dataset) -> Config:
+    """Fill in ``class_weights`` of each ``class_weighting = "balanced"`` task.
+
+    Balanced weights are sklearn's ``n / (K * n_c)`` over the task's labelled training rows,
+    so every class contributes equally to the loss in expectation; a class with no training
+    row gets 0. Weights already in the config (a restored run's) are kept.
+    """
+    tasks = []
+    for i, task in enumerate(config.tasks):
+        if task.class_weighting == "balanced" and not task.class_weights:
+            labels = train.labels[:, i]
+            counts = np.bincount(labels[labels >= 0], minlength=task.num_labels)
+            n, k = counts.sum(), task.num_labels
+            weights = tuple(round(float(n / (k * c)), 6) if c > 0 else 0.0 for c in counts[:k])
+            task = dataclasses.replace(task, class_weights=weights)
+        tasks.append(task)
+    return dataclasses.replace(config, tasks=tuple(tasks))
+
+
 # -- datasets ------------------------------------------------------------------------------
 
 

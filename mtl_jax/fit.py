@@ -58,7 +58,7 @@ class RunData:
 
 
 def load_run_data(config: Config, tokenizer: Any) -> RunData:
-    """Resolve labels and read (or generate) the train and dev sets a config names."""
+    """Resolve labels and class weights; read (or generate) the train and dev sets."""
     if config.data.synthetic_train_rows > 0:
         _check_synthetic_tasks(config)
         train = data_lib.dataset_from_rows(
@@ -72,13 +72,13 @@ def load_run_data(config: Config, tokenizer: Any) -> RunData:
                 tokenizer,
                 "synthetic-dev",
             )
-        return RunData(config, train, dev)
+        return RunData(data_lib.resolve_class_weights(config, train), train, dev)
     config = data_lib.resolve_labels(config)
     train = data_lib.load_task_datasets(config, tokenizer, "train")
     dev = None
     if any(t.dev_file for t in config.tasks):
         dev = data_lib.load_task_datasets(config, tokenizer, "dev")
-    return RunData(config, train, dev)
+    return RunData(data_lib.resolve_class_weights(config, train), train, dev)
 
 
 def _check_synthetic_tasks(config: Config) -> None:

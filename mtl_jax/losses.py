@@ -14,23 +14,33 @@ import jax.numpy as jnp
 import optax
 
 
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_cross_entropy(
+    logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Mean softmax cross-entropy over the rows whose label is not ``-1``.
 
     Args:
         logits: ``[batch, num_labels]``.
         labels: ``[batch]`` int, ``-1`` = no label for this row.
+        class_weights: optional ``[num_labels]``; each row counts with its label's weight,
+            and the mean divides by the summed weights (``torch``'s ``CrossEntropyLoss(
+            weight=...)``), so the loss scale does not depend on the batch's class mix.
 
     Returns:
-        ``(loss, n_labelled)``: the float32 mean over labelled rows (``0`` when there are
-        none, with a zero gradient rather than a NaN) and the int32 count of those rows.
+        ``(loss, n_labelled)``: the float32 (weighted) mean over labelled rows (``0`` when
+        there are none, with a zero gradient rather than a NaN) and the int32 count of
+        those rows.
     """
     mask = labels >= 0
     safe_labels = jnp.where(mask, labels, 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
     n = mask.sum().astype(jnp.int32)
-    total = jnp.where(mask, ce, 0.0).sum()
-    return total / jnp.maximum(n, 1).astype(jnp.float32), n
+    if class_weights is None:
+        total = jnp.where(mask, ce, 0.0).sum()
+        return total / jnp.maximum(n, 1).astype(jnp.float32), n
+    w = jnp.where(mask, jnp.asarray(class_weights, jnp.float32)[safe_labels], 0.0)
+    total_w = w.sum()
+    return jnp.where(total_w > 0, (w * ce).sum() / jnp.where(total_w > 0, total_w, 1.0), 0.0), n
 
 
 def multitask_loss(
@@ -38,6 +48,7 @@ def multitask_loss(
     labels: Mapping[str, jax.Array],
     weights: Mapping[str, float],
     log_vars: Mapping[str, jax.Array] | None = None,
+    class_weights: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the per-task losses, optionally with learned uncertainty weights.
 
@@ -57,6 +68,8 @@ def multitask_loss(
         labels: ``{task: [batch]}`` int, ``-1`` = missing.
         weights: ``{task: w_t}``.
         log_vars: ``{task: s_t}`` scalars (``params["log_vars"]``), or None for fixed weights.
+        class_weights: ``{task: [num_labels]}`` for the tasks whose rows are weighted by
+            class (see :func:`masked_cross_entropy`); other tasks weigh rows equally.
 
     Returns:
         ``(total, {task: CE_t})`` with ``CE_t`` the unweighted masked mean cross-entropy.
@@ -64,7 +77,7 @@ def multitask_loss(
     total = jnp.zeros([], jnp.float32)
     per_task = {}
     for task, task_logits in logits.items():
-        ce, n = masked_cross_entropy(task_logits, labels[task])
+        ce, n = masked_cross_entropy(task_logits, labels[task], (class_weights or {}).get(task))
         per_task[task] = ce
         if log_vars is None:
             term = ce

@@ -85,6 +85,9 @@ def build_train_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """The pure, unjitted train step (see :func:`make_train_step`), for wrapping in tests."""
     weights = {t.name: float(t.loss_weight) for t in config.tasks}
+    class_weights = {
+        t.name: jnp.asarray(t.class_weights, jnp.float32) for t in config.tasks if t.class_weights
+    }
     train_backbone = backbone_trainable(config.train)
     backbone_deterministic = not config.model.backbone_dropout
     skip_nonfinite = config.train.skip_nonfinite
@@ -100,7 +103,9 @@ def build_train_step(
             train_backbone=train_backbone,
             rngs={"dropout": key},
         )
-        total, per_task = multitask_loss(logits, batch["labels"], weights, params.get("log_vars"))
+        total, per_task = multitask_loss(
+            logits, batch["labels"], weights, params.get("log_vars"), class_weights
+        )
         return total, (logits, per_task)
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--xla-flags", default="", help="appended to $XLA_FLAGS before JAX starts")
     p.add_argument("--prng", default=None, help="jax_default_prng_impl (threefry2x32, rbg, ...)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 matmul peak")
+    p.add_argument(
+        "--peak-dtype", default="float32", choices=["float32", "bfloat16"], help="the MFU's peak"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -150,7 +153,8 @@ def main(argv=None) -> int:
         suite = bench.SUITES[suite_name](opts, backbone, log, 0.0)
         ours_rounds, theirs_rounds = [], []
         for rnd in range(args.rounds):
-            suite.peak = bench.matmul_gflops(args.peak_size)  # the limit now, for the MFU
+            # The limit now, for the MFU.
+            suite.peak = bench.matmul_gflops(args.peak_size, dtype=args.peak_dtype)
             results = suite.measure()
             for r in results:
                 emit(
@@ -158,6 +162,7 @@ def main(argv=None) -> int:
                         **r,
                         "framework": "mtl_jax",
                         "round": rnd,
+                        "peak_dtype": args.peak_dtype,
                         "xla_flags": os.environ.get("XLA_FLAGS", ""),
                         "prng": str(jax.config.jax_default_prng_impl),
                     }

@@ -65,12 +65,16 @@ def test_bad_overrides_name_the_key(override, message):
         ({"model": {"pooling": "sum"}}, "model.pooling"),
         ({"data": {"length_buckets": [64, 32]}}, "data.length_buckets"),
         ({"train": {"layer_lr_decay": 0}}, "train.layer_lr_decay"),
+        ({"tasks": {"class_weighting": "inverse"}}, "tasks.genre.class_weighting"),
+        ({"tasks": {"class_weights": [1.0, 2.0]}}, "tasks.genre.class_weights"),
+        ({"tasks": {"class_weights": [1, 1, -1, 1, 1]}}, "tasks.genre.class_weights"),
+        ({"tasks": {"class_weights": [0, 0, 0, 0, 0]}}, "tasks.genre.class_weights"),
     ],
 )
 def test_validate_names_the_bad_key(changes, key):
     data = demo().to_dict()
     for section, values in changes.items():
-        data[section].update(values)
+        (data[section][0] if section == "tasks" else data[section]).update(values)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         Config.from_dict(data).validate()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 
@@ -256,6 +257,25 @@ def test_shared_file_rows_carry_several_labels(tmp_path, tiny_backbone):
     assert len(ds) == 3 and ds.source_names == (str(path),)
     assert ds.labels.tolist() == [[2, 1], [0, -1], [1, 0]]
     assert ds.task_names == ("genre", "sentiment") and ds.lines.tolist() == [2, 3, 4]
+
+
+def test_balanced_class_weights_equal_sklearn(two_source, two_source_config):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    balanced = [dataclasses.replace(t, class_weighting="balanced") for t in two_source_config.tasks]
+    explicit = (0.5, 2.0)  # given in the config: kept as they are
+    balanced[1] = dataclasses.replace(balanced[1], class_weights=explicit)
+    config = data.resolve_class_weights(
+        dataclasses.replace(two_source_config, tasks=tuple(balanced)), two_source
+    )
+    genre = two_source.labels[:, 0]
+    genre = genre[genre >= 0]
+    expected = compute_class_weight("balanced", classes=np.unique(genre), y=genre)
+    np.testing.assert_allclose(config.tasks[0].class_weights, expected, rtol=1e-5)
+    assert config.tasks[1].class_weights == explicit
+    config.validate()
+    # No weighting asked for: the config is left alone.
+    assert data.resolve_class_weights(two_source_config, two_source) == two_source_config
 
 
 def test_separate_files_mask_other_task(two_source, two_source_config):

@@ -186,3 +186,37 @@ def test_cached_step_runs_no_backbone(config, tiny_model, tiny_params):
         "labels": {t.name: jnp.zeros(8, jnp.int32) for t in config.tasks},
     }
     assert _dot_count(jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr) <= 3 * 5
+
+
+def test_class_weights_reach_the_train_step(config, tiny_model, tiny_params):
+    """Weight 1 on one genre and 0 elsewhere trains exactly as if only that genre's rows
+    carried a genre label (same dropout key, so the same heads' masks)."""
+    genre = config.task("genre")
+    only_two = (0.0, 0.0, 1.0, 0.0, 0.0)
+    weighted_config = dataclasses.replace(
+        config,
+        tasks=tuple(
+            dataclasses.replace(t, class_weights=only_two) if t.name == "genre" else t
+            for t in config.tasks
+        ),
+    )
+    rng = np.random.default_rng(5)
+    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
+    labels["genre"][:3] = 2  # some rows of the weighted class for sure
+    embedding = rng.normal(size=(16, 32)).astype(np.float32)
+    masked = dict(labels, genre=np.where(labels["genre"] == 2, 2, -1).astype(np.int32))
+
+    def one_step(cfg, batch_labels):
+        params = init_train_params(tiny_params, cfg)
+        optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
+        step = jax.jit(features.build_cached_train_step(tiny_model, optimizer, cfg))
+        batch = {"embedding": jnp.asarray(embedding), "labels": batch_labels}
+        return step(create_train_state(params, optimizer), batch, jax.random.key(1))
+
+    w_state, w_metrics = one_step(weighted_config, labels)
+    m_state, m_metrics = one_step(config, masked)
+    assert genre.num_labels == len(only_two)
+    np.testing.assert_allclose(w_metrics["genre/loss"], m_metrics["genre/loss"], rtol=1e-6)
+    chex.assert_trees_all_close(w_state.params["heads"], m_state.params["heads"], atol=1e-6)
+    # The counts still count every labelled row: weights change the loss, not the metrics.
+    assert int(w_metrics["genre/count"]) == 16 and int(m_metrics["genre/count"]) < 16

@@ -37,6 +37,29 @@ def test_masked_cross_entropy_matches_numpy(seed):
     np.testing.assert_allclose(float(loss), numpy_ce(logits, labels), rtol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_weighted_cross_entropy_matches_hand_computation(seed):
+    logits, labels = random_case(seed)
+    weights = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
+    loss, n = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), weights)
+    rows = labels >= 0
+    z = logits[rows].astype(np.float64)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    ce = -log_probs[np.arange(rows.sum()), labels[rows]]
+    w = weights[labels[rows]]
+    assert int(n) == int(rows.sum())
+    np.testing.assert_allclose(float(loss), (w * ce).sum() / w.sum(), rtol=1e-5)
+    # Equal weights are the unweighted mean; no labelled row is a zero loss with zero grad.
+    equal, _ = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), np.full(5, 3.0))
+    np.testing.assert_allclose(float(equal), numpy_ce(logits, labels), rtol=1e-5)
+    none = np.full_like(labels, -1)
+    grad = jax.grad(lambda x: masked_cross_entropy(x, jnp.asarray(none), weights)[0])(
+        jnp.asarray(logits)
+    )
+    assert float(masked_cross_entropy(jnp.asarray(logits), jnp.asarray(none), weights)[0]) == 0
+    assert np.all(np.asarray(grad) == 0)
+
+
 def test_missing_rows_do_not_change_the_loss():
     logits, labels = random_case(3)
     garbage = logits.copy()
