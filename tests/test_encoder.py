@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import save_file
 
-from mtl_jax.encoder import layers_to_run, load_backbone, pool, tokenize, truncate_params
+from mtl_jax.encoder import (
+    layers_to_run,
+    load_backbone,
+    minilm_dir,
+    pool,
+    tokenize,
+    truncate_params,
+)
 from mtl_jax.errors import UserError
 from mtl_jax.model import build_model, init_params
+from mtl_jax.safetensors_bert import load_bert_safetensors
 
 from conftest import SHARED, replace_model
 
@@ -133,3 +145,154 @@ def test_minilm_tokenizer_matches_reference(minilm_backbone):
     for i, ids in enumerate(tok.input_ids):
         n = int(ref["attention_mask"][i].sum())
         np.testing.assert_array_equal(ids, ref["input_ids"][i, :n])
+
+
+# -- loading PyTorch-named safetensors ----------------------------------------------------------
+
+
+def transformers_from_pt(directory) -> dict:
+    """The reference: transformers' own PyTorch->Flax conversion of the same directory."""
+    from transformers import FlaxBertModel
+
+    model = FlaxBertModel.from_pretrained(str(directory), from_pt=True, local_files_only=True)
+    return jax.tree_util.tree_map(np.asarray, model.params)
+
+
+def assert_params_identical(got: dict, want: dict) -> None:
+    """Same tree, and every leaf bit-identical with the same dtype."""
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for path, value in flatten_dict(want).items():
+        leaf = flatten_dict(got)[path]
+        assert leaf.dtype == value.dtype and np.array_equal(leaf, value), path
+
+
+def pytorch_state_dict(flax_params: dict, prefix: str = "", legacy_norms: bool = False) -> dict:
+    """The names and layouts ``BertModel.state_dict()`` has for these Flax params."""
+    out = {}
+    for (*stem, leaf), value in flatten_dict(flax_params).items():
+        is_norm = stem[-1] == "LayerNorm"
+        if leaf == "kernel":
+            value = value.T
+        if leaf in ("kernel", "scale", "embedding"):
+            leaf = "gamma" if legacy_norms and is_norm else "weight"
+        elif leaf == "bias" and legacy_norms and is_norm:
+            leaf = "beta"
+        out[prefix + ".".join([*stem, leaf])] = np.ascontiguousarray(value)
+    return out
+
+
+def random_bert_params(bert_config, seed: int = 0) -> dict:
+    """A ``FlaxBertModel``'s params with every leaf random (biases and norms too)."""
+    from transformers import FlaxBertModel
+
+    shapes = FlaxBertModel(bert_config, _do_init=False).params_shape_tree
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: rng.normal(size=s.shape).astype(np.float32), dict(shapes)
+    )
+
+
+def write_bert_dir(directory, backbone, tensors: dict) -> None:
+    """A Hugging Face BERT directory: config.json, tokenizer and a PyTorch-style safetensors."""
+    directory.mkdir(exist_ok=True)
+    backbone.bert_config.to_json_file(str(directory / "config.json"))
+    backbone.tokenizer.save_pretrained(str(directory))
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_params(tiny_backbone):
+    return random_bert_params(tiny_backbone.bert_config)
+
+
+@pytest.mark.parametrize(
+    "prefix, legacy_norms, extras",
+    [
+        ("", False, {}),
+        (  # a BertForPreTraining export: "bert." names, gamma/beta, LM heads, position_ids
+            "bert.",
+            True,
+            {
+                "cls.predictions.bias": np.ones(7, np.float32),
+                "cls.predictions.transform.dense.weight": np.ones((32, 32), np.float32),
+                "bert.embeddings.position_ids": np.arange(512, dtype=np.int64)[None],
+            },
+        ),
+    ],
+)
+def test_safetensors_loader_matches_transformers_bit_for_bit(
+    tmp_path, tiny_backbone, tiny_bert_params, prefix, legacy_norms, extras
+):
+    tensors = pytorch_state_dict(tiny_bert_params, prefix, legacy_norms) | extras
+    write_bert_dir(tmp_path, tiny_backbone, tensors)
+    want = transformers_from_pt(tmp_path)
+    assert_params_identical(want, tiny_bert_params)  # the reference saw every tensor
+    assert_params_identical(load_backbone(str(tmp_path)).params, want)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_safetensors_are_upcast_exactly(
+    tmp_path, tiny_backbone, tiny_bert_params, dtype
+):
+    import ml_dtypes
+
+    stored = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    half = jax.tree_util.tree_map(lambda x: x.astype(stored), tiny_bert_params)
+    write_bert_dir(tmp_path, tiny_backbone, pytorch_state_dict(half))
+    want = jax.tree_util.tree_map(lambda x: x.astype(np.float32), transformers_from_pt(tmp_path))
+    got = load_bert_safetensors(tmp_path / "model.safetensors", tiny_backbone.bert_config)
+    assert_params_identical(got, want)
+
+
+def test_safetensors_without_pooler_loads_without_it(tmp_path, tiny_backbone, tiny_bert_params):
+    tensors = {k: v for k, v in pytorch_state_dict(tiny_bert_params).items() if "pooler" not in k}
+    write_bert_dir(tmp_path, tiny_backbone, tensors)
+    got = load_bert_safetensors(tmp_path / "model.safetensors", tiny_backbone.bert_config)
+    assert_params_identical(got, {k: v for k, v in tiny_bert_params.items() if k != "pooler"})
+
+
+@pytest.mark.parametrize(
+    "tensor, param",
+    [
+        (
+            "encoder.layer.1.attention.self.query.weight",
+            "encoder/layer/1/attention/self/query/kernel",
+        ),
+        ("embeddings.LayerNorm.bias", "embeddings/LayerNorm/bias"),
+        ("pooler.dense.bias", "pooler/dense/bias"),  # a pooler is optional, half a pooler is not
+    ],
+)
+def test_missing_tensor_names_file_and_parameter(
+    tmp_path, tiny_backbone, tiny_bert_params, tensor, param
+):
+    tensors = pytorch_state_dict(tiny_bert_params)
+    del tensors[tensor]
+    write_bert_dir(tmp_path, tiny_backbone, tensors)
+    file = tmp_path / "model.safetensors"
+    with pytest.raises(UserError, match=f"{re.escape(str(file))}: no tensor for parameter {param}"):
+        load_backbone(str(tmp_path))
+
+
+def test_wrong_shaped_tensor_names_file_and_parameter(tmp_path, tiny_backbone, tiny_bert_params):
+    tensors = pytorch_state_dict(tiny_bert_params)
+    name = "encoder.layer.0.intermediate.dense.weight"  # [64, 32] in PyTorch layout
+    tensors[name] = np.ascontiguousarray(tensors[name].T)
+    write_bert_dir(tmp_path, tiny_backbone, tensors)
+    expected = (
+        f"{tmp_path / 'model.safetensors'}: tensor '{name}' has shape (32, 64) but parameter "
+        "encoder/layer/0/intermediate/dense/kernel needs (64, 32)"
+    )
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_backbone(str(tmp_path))
+
+
+def test_unreadable_safetensors_is_a_user_error(tmp_path, tiny_backbone):
+    write_bert_dir(tmp_path, tiny_backbone, {"x": np.zeros(1, np.float32)})
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_backbone(str(tmp_path))
+
+
+@pytest.mark.minilm
+def test_minilm_params_match_transformers_bit_for_bit(minilm_backbone):
+    assert_params_identical(minilm_backbone.params, transformers_from_pt(minilm_dir()))
