@@ -594,7 +594,9 @@ class Encode(Suite):
         self.model = build_model(self.config, self.backbone)
         params = init_params(self.model, jax.random.key(o.seed), self.backbone)
         self.texts = load_corpus()
-        buckets, max_length = self.config.data.length_buckets, self.config.model.max_length
+        max_length = self.config.model.max_length
+        # --buckets sets the padded lengths; by default the library's inference buckets.
+        buckets = tuple(o.buckets) if o.buckets else data_lib.inference_buckets(max_length)
 
         def encode():
             tok = tokenize(self.backbone.tokenizer, self.texts, max_length)

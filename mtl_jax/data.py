@@ -661,6 +661,22 @@ def bucket_lengths(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
     return tuple(sorted({int(b) for b in buckets if 0 < b < max_length} | {int(max_length)}))
 
 
+def inference_buckets(max_length: int) -> tuple[int, ...]:
+    """Fine padded lengths for length-sorted inference: every 8 tokens up to 64, every 16 up
+    to 128, every 32 up to 256, every 64 beyond, and ``max_length``.
+
+    Sorted batches hold rows of nearly one length, so fine buckets cut the padding a coarse
+    training set (16/32/64/128) leaves to a few tokens per row; each length compiles once
+    per process (and is kept by the persistent compilation cache).
+    """
+    steps = ((64, 8), (128, 16), (256, 32))
+    lengths, n = [], 8
+    while n < max_length:
+        lengths.append(n)
+        n += next((step for limit, step in steps if n < limit), 64)
+    return bucket_lengths(lengths, max_length)
+
+
 def buckets_for(config: Config) -> tuple[int, ...]:
     """:func:`bucket_lengths` of a config's ``data.length_buckets`` and ``model.max_length``."""
     return bucket_lengths(config.data.length_buckets, config.model.max_length)

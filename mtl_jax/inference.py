@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.data import inference_batches, restore_order
+from mtl_jax.data import inference_batches, inference_buckets, restore_order
 from mtl_jax.encoder import Tokenized, tokenize
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.train import make_predict_fn
 
 Params = dict[str, Any]
-DEFAULT_BUCKETS = (16, 32, 64, 128)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -41,9 +40,14 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def _map_batches(fn, tokenized: Tokenized, batch_size: int, buckets, max_length: int):
-    """``fn`` over length-sorted, bucketed batches; outputs back in input order."""
+    """``fn`` over length-sorted, bucketed batches; outputs back in input order.
+
+    ``buckets=None`` pads to :func:`mtl_jax.data.inference_buckets`.
+    """
     if len(tokenized) == 0:
         raise ValueError("no sentences to run the model on")
+    if buckets is None:
+        buckets = inference_buckets(max_length)
     chunks, indices = [], []
     for rows, batch in inference_batches(tokenized, batch_size, buckets, max_length):
         chunks.append(jax.device_get(fn(_model_inputs(batch))))
@@ -57,7 +61,7 @@ def embed_tokenized(
     tokenized: Tokenized,
     *,
     batch_size: int = 64,
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | None = None,
     max_length: int = 128,
 ) -> np.ndarray:
     """Pooled embeddings ``[N, hidden]`` (float32), row ``i`` for sentence ``i``."""
@@ -71,7 +75,7 @@ def predict_tokenized(
     tokenized: Tokenized,
     *,
     batch_size: int = 64,
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    buckets: Sequence[int] | None = None,
     max_length: int = 128,
 ) -> dict[str, np.ndarray]:
     """Class probabilities per task ``{task: [N, num_labels]}``, in input order."""
@@ -98,7 +102,7 @@ class SentenceEncoder:
     params: Params
     tokenizer: Any
     max_length: int = 128
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    buckets: tuple[int, ...] | None = None  # None: data.inference_buckets(max_length)
 
     @classmethod
     def load(
@@ -216,7 +220,6 @@ def predict_texts(
         trained.params,
         tokenized,
         batch_size=batch_size,
-        buckets=config.data.length_buckets,
         max_length=config.model.max_length,
     )
     records = []

@@ -459,6 +459,17 @@ def test_grouping_by_length_reduces_padding(two_source, two_source_config):
     assert share["grouped"] < 0.7 * share["plain"], share
 
 
+def test_inference_buckets_are_fine_and_end_at_max_length():
+    assert data.inference_buckets(128) == (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128)
+    assert data.inference_buckets(20) == (8, 16, 20)
+    long = data.inference_buckets(512)
+    assert long[-1] == 512 and 224 in long and 320 in long and 288 not in long
+    # Padding to the next bucket wastes at most a quarter of the row beyond 8 tokens.
+    for n in range(9, 513):
+        padded = next(b for b in long if b >= n)
+        assert padded - n < max(8, n // 4)
+
+
 def test_padding_stats_counts():
     mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], np.int32)
     stats = data.padding_stats([{"attention_mask": mask}])
