@@ -488,6 +488,13 @@ class TrainReal(Suite):
             )
             c["first_steps_s"] = time.perf_counter() - t0
         self.compile = c
+        self.forward = None
+        if o.freeze == "backbone":  # the frozen step against a forward pass of the same model
+            from mtl_jax.train import make_eval_step
+
+            eval_step = make_eval_step(self.model, self.config)
+            self.forward = lambda state, batch: (state, {"loss": eval_step(state.params, batch)})
+            time_steps(self.forward, self.state, bucket_batches(self.dataset, self.config))
         epoch = [
             data_lib.make_batch(self.dataset, idx, o.batch_size, data_lib.buckets_for(self.config))
             for idx in data_lib.epoch_batches(self.dataset, self.config, 0)
@@ -534,6 +541,13 @@ class TrainReal(Suite):
         total = sum(times)
         t = step_summary(times, o.steps, o.sync)
         tok = token_counts(fed)
+        forward = {}
+        if self.forward is not None:  # same batches, same order: only the step differs
+            _, f_times, _ = time_steps(self.forward, self.state, fed, o.sync)
+            forward = {
+                "forward_step_s": step_summary(f_times, o.steps, o.sync),
+                "step_over_forward": total / sum(f_times),
+            }
         rows = int(sum((b["index"] >= 0).sum() for b in fed))
         flops = sum(
             step_flops(
@@ -564,6 +578,7 @@ class TrainReal(Suite):
                 "prepare_s": self.prepare_s,
                 "mfu": self._mfu(flops, total),
                 "epoch_estimate": self._epoch_estimate(),
+                **forward,
                 "peak_rss_mb": peak_rss_mb(),
                 **self._common(self.config),
             }

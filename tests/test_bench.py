@@ -18,6 +18,8 @@ import pytest
 from mtl_jax import bench
 from mtl_jax.synthetic import make_rows
 
+from conftest import SHARED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,3 +90,18 @@ def test_benchmark_script_prints_one_json_line_per_result():
         assert key in result
     assert result["compiles"] >= 1 and result["recompiles_while_timed"] == 0
     assert set(result["step_s"]) >= {"min", "median", "max"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
+def test_frozen_train_real_reports_the_step_against_a_forward_pass():
+    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    out = io.StringIO()
+    argv = ["--model", "tiny", "--suite", "train-real", "--freeze", "backbone", "--backbone-eval"]
+    argv += ["--max-length", "32", "--steps", "3", "--batch", "8", "--peak-size", "256"]
+    with redirect_stdout(out):
+        assert script.main([*argv, "--data-dir", str(SHARED / "data")]) == 0
+    (line,) = out.getvalue().splitlines()
+    result = json.loads(line)
+    assert result["recompiles_while_timed"] == 0 and result["compiles"] >= 2
+    assert result["forward_step_s"]["n"] == 3 and result["step_over_forward"] > 0
