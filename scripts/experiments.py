@@ -16,58 +16,39 @@ from pathlib import Path
 from mtl_jax.fit import read_metrics
 
 SET = "--set"
+
+
+def real(*sets: str, tasks: str = "") -> list[str]:
+    """``--preset real`` with ``--set`` overrides (and ``--tasks``)."""
+    return [
+        "--preset",
+        "real",
+        *(["--tasks", tasks] if tasks else []),
+        *(x for item in sets for x in (SET, item)),
+    ]
+
+
+FROZEN = (
+    'train.freeze="backbone"',
+    "model.backbone_dropout=false",
+    "train.epochs=10",
+    "train.head_learning_rate=1e-3",
+)
+BALANCED = 'tasks.genre.class_weighting="balanced"'
 ROWS = {
-    "frozen-multi": [
-        "--preset",
-        "real",
-        SET,
-        'train.freeze="backbone"',
-        SET,
-        "model.backbone_dropout=false",
-        SET,
-        "train.epochs=10",
-        SET,
-        "train.head_learning_rate=1e-3",
-    ],
-    "frozen-multi-balanced": [
-        "--preset",
-        "real",
-        SET,
-        'train.freeze="backbone"',
-        SET,
-        "model.backbone_dropout=false",
-        SET,
-        "train.epochs=10",
-        SET,
-        "train.head_learning_rate=1e-3",
-        SET,
-        'tasks.genre.class_weighting="balanced"',
-    ],
-    "full-multi": ["--preset", "real"],
-    "gradual-multi": [
-        "--preset",
-        "real",
-        SET,
-        'train.freeze="gradual"',
-        SET,
-        'train.unfreeze_unit="steps"',
-        SET,
-        "train.unfreeze_every=150",
-    ],
-    "top2-multi": ["--preset", "real", SET, 'train.freeze="top:2"'],
-    "headgenre-multi": ["--preset", "real", SET, 'train.freeze="head:genre"'],
-    "full-multi-lr5e-5": ["--preset", "real", SET, "train.learning_rate=5e-5"],
-    "full-multi-balanced": ["--preset", "real", SET, 'tasks.genre.class_weighting="balanced"'],
-    "full-multi-balanced-lr5e-5": [
-        "--preset",
-        "real",
-        SET,
-        'tasks.genre.class_weighting="balanced"',
-        SET,
-        "train.learning_rate=5e-5",
-    ],
-    "full-genre-only": ["--preset", "real", "--tasks", "genre"],
-    "full-sentiment-only": ["--preset", "real", "--tasks", "sentiment"],
+    "frozen-multi": real(*FROZEN),
+    "frozen-multi-balanced": real(*FROZEN, BALANCED),
+    "full-multi": real(),
+    "gradual-multi": real(
+        'train.freeze="gradual"', 'train.unfreeze_unit="steps"', "train.unfreeze_every=150"
+    ),
+    "top2-multi": real('train.freeze="top:2"'),
+    "headgenre-multi": real('train.freeze="head:genre"'),
+    "full-multi-lr5e-5": real("train.learning_rate=5e-5"),
+    "full-multi-balanced": real(BALANCED),
+    "full-multi-balanced-lr5e-5": real(BALANCED, "train.learning_rate=5e-5"),
+    "full-genre-only": real(tasks="genre"),
+    "full-sentiment-only": real(tasks="sentiment"),
 }
 
 
