@@ -111,6 +111,25 @@ def bucket_batches(dataset: data_lib.Dataset, config: Config) -> list[dict]:
     return out
 
 
+def step_memory_mb(model: Any, optimizer: Any, config: Config, state: Any, batch: dict) -> dict:
+    """XLA's account of one train step's memory at ``batch``'s shape, in MiB.
+
+    ``argument`` is what the step reads (params, optimiser state, batch), ``output`` what it
+    returns (``alias``: the part that reuses donated input buffers), ``temp`` what it
+    allocates while running (activations kept for the backward pass, gradients, the
+    update). Peak RSS minus these is the runtime, the libraries and the host-side data.
+    """
+    from mtl_jax.train import build_train_step, step_inputs
+
+    step = jax.jit(build_train_step(model, optimizer, config), donate_argnums=0)
+    compiled = step.lower(state, step_inputs(batch), jax.random.key(0)).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # not every backend reports
+        return {}
+    names = ("argument", "output", "alias", "temp", "generated_code")
+    return {n: round(getattr(analysis, f"{n}_size_in_bytes") / 2**20, 1) for n in names}
+
+
 def subset(dataset: data_lib.Dataset, n: int, seed: int = 0) -> data_lib.Dataset:
     """``n`` random rows of a dataset (both sources mixed), in a new :class:`Dataset`."""
     rows = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
@@ -488,6 +507,11 @@ class TrainReal(Suite):
             )
             c["first_steps_s"] = time.perf_counter() - t0
         self.compile = c
+        longest = bucket_batches(self.dataset, self.config)[-1]
+        self.memory = {
+            "seq_len": int(longest["input_ids"].shape[1]),
+            **step_memory_mb(self.model, optimizer, self.config, self.state, longest),
+        }
         self.forward = None
         if o.freeze == "backbone":  # the frozen step against a forward pass of the same model
             from mtl_jax.train import make_eval_step
@@ -579,6 +603,7 @@ class TrainReal(Suite):
                 "mfu": self._mfu(flops, total),
                 "epoch_estimate": self._epoch_estimate(),
                 **forward,
+                "step_memory_mb": self.memory,
                 "peak_rss_mb": peak_rss_mb(),
                 **self._common(self.config),
             }

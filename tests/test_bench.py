@@ -105,3 +105,5 @@ def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     result = json.loads(line)
     assert result["recompiles_while_timed"] == 0 and result["compiles"] >= 2
     assert result["forward_step_s"]["n"] == 3 and result["step_over_forward"] > 0
+    memory = result["step_memory_mb"]
+    assert memory["seq_len"] == 32 and memory["argument"] > 0 and memory["temp"] > 0
