@@ -1,6 +1,6 @@
 """PyTorch-named BERT ``model.safetensors`` read straight into ``FlaxBertModule`` params.
 
-transformers' ``FlaxBertModel.from_pretrained(dir, from_pt=True)`` randomly initialises the
+transformers' ``FlaxBertModel.from_pretrained`` with ``from_pt=True`` randomly initialises the
 whole Flax model and copies every tensor through jax arrays before keeping it. This reads
 each needed tensor once, with numpy, and renames it exactly as transformers' PyTorch->Flax
 conversion does, so the params are bit-identical for a fraction of the memory and time.
@@ -38,7 +38,7 @@ def load_bert_safetensors(path: Path, bert_config: Any) -> Params:
       bert_config: the ``BertConfig`` of the same directory; it fixes every shape.
 
     Returns:
-      The nested numpy params ``FlaxBertModel.from_pretrained(..., from_pt=True)`` gives,
+      The nested numpy params ``FlaxBertModel.from_pretrained`` (``from_pt=True``) gives,
       without the pooler when the file has none.
 
     Raises:
