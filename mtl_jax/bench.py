@@ -345,6 +345,20 @@ class Options:
     sync: bool = True
     seed: int = 0
 
+    def config(self, **overrides: Any) -> Config:
+        """:func:`bench_config` of these options, with a suite's own ``overrides``."""
+        settings = {
+            "backbone": self.backbone,
+            "freeze": self.freeze,
+            "backbone_eval": self.backbone_eval,
+            "dtype": self.dtype,
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "buckets": self.buckets,
+            "data_dir": self.data_dir,
+        }
+        return bench_config(**{**settings, **overrides})
+
 
 class Suite:
     """A workload built (and compiled) once, measured any number of rounds."""
@@ -401,14 +415,7 @@ class TrainFixed(Suite):
         from mtl_jax.train import make_train_step
 
         o = self.opts
-        self.config = bench_config(
-            backbone=o.backbone,
-            freeze=o.freeze,
-            backbone_eval=o.backbone_eval,
-            dtype=o.dtype,
-            max_length=max(o.seq_lens),
-            batch_size=o.batch_size,
-        )
+        self.config = o.config(max_length=max(o.seq_lens), buckets=None, data_dir=None)
         self.model, params, optimizer, self.state = _train_parts(self.config, self.backbone, o.seed)
         self.heads = _head_params(params)
         key = jax.random.key(o.seed)
@@ -479,16 +486,7 @@ class TrainReal(Suite):
         from mtl_jax.train import make_train_step
 
         o = self.opts
-        config = bench_config(
-            backbone=o.backbone,
-            freeze=o.freeze,
-            backbone_eval=o.backbone_eval,
-            dtype=o.dtype,
-            max_length=o.max_length,
-            batch_size=o.batch_size,
-            buckets=o.buckets,
-            data_dir=o.data_dir,
-        )
+        config = o.config()
         t0 = time.perf_counter()
         self.config, self.dataset = load_real_train(config, self.backbone.tokenizer)
         self.prepare_s = time.perf_counter() - t0
@@ -500,14 +498,13 @@ class TrainReal(Suite):
         self.stream = data_lib.prefetch(data_lib.BatchStream(self.dataset, self.config, epochs=0))
         # Every bucket shape compiled before timing; then a few steps per bucket for the
         # per-epoch estimate (the step time depends only on the bucket).
+        self.bucket_batches = bucket_batches(self.dataset, self.config)
         with self.log.count() as c:
             t0 = time.perf_counter()
-            self.state, _, _ = time_steps(
-                self.step, self.state, bucket_batches(self.dataset, self.config)
-            )
+            self.state, _, _ = time_steps(self.step, self.state, self.bucket_batches)
             c["first_steps_s"] = time.perf_counter() - t0
         self.compile = c
-        longest = bucket_batches(self.dataset, self.config)[-1]
+        longest = self.bucket_batches[-1]
         self.memory = {
             "seq_len": int(longest["input_ids"].shape[1]),
             **step_memory_mb(self.model, optimizer, self.config, self.state, longest),
@@ -518,7 +515,7 @@ class TrainReal(Suite):
 
             eval_step = make_eval_step(self.model, self.config)
             self.forward = lambda state, batch: (state, {"loss": eval_step(state.params, batch)})
-            time_steps(self.forward, self.state, bucket_batches(self.dataset, self.config))
+            time_steps(self.forward, self.state, self.bucket_batches)
         epoch = [
             data_lib.make_batch(self.dataset, idx, o.batch_size, data_lib.buckets_for(self.config))
             for idx in data_lib.epoch_batches(self.dataset, self.config, 0)
@@ -530,7 +527,7 @@ class TrainReal(Suite):
 
     def _epoch_estimate(self) -> dict[str, Any]:
         step_s = {}
-        for batch in bucket_batches(self.dataset, self.config):
+        for batch in self.bucket_batches:
             self.state, times, _ = time_steps(self.step, self.state, [batch] * 2)
             step_s[int(batch["input_ids"].shape[1])] = min(times)
         seconds = sum(n * step_s[b] for b, n in self.per_bucket.items())
@@ -627,9 +624,7 @@ class Encode(Suite):
         from mtl_jax.model import build_model, init_params
 
         o = self.opts
-        self.config = bench_config(
-            backbone=o.backbone, dtype=o.dtype, max_length=o.max_length, buckets=o.buckets
-        )
+        self.config = o.config(freeze="none", backbone_eval=False, batch_size=32, data_dir=None)
         self.config = dataclasses.replace(self.config, tasks=())  # an encoder: no heads
         self.model = build_model(self.config, self.backbone)
         params = init_params(self.model, jax.random.key(o.seed), self.backbone)
@@ -710,16 +705,7 @@ class FeatureCache(Suite):
     def __init__(self, *args):
         super().__init__(*args)
         o = self.opts
-        config = bench_config(
-            backbone=o.backbone,
-            freeze="backbone",
-            backbone_eval=True,
-            dtype=o.dtype,
-            max_length=o.max_length,
-            batch_size=o.batch_size,
-            buckets=o.buckets,
-            data_dir=o.data_dir,
-        )
+        config = o.config(freeze="backbone", backbone_eval=True)
         config, dataset = load_real_train(config, self.backbone.tokenizer)
         self.dataset = subset(dataset, min(o.cache_rows, len(dataset)), o.seed)
         self.config = dataclasses.replace(

@@ -181,8 +181,6 @@ def fit(
     optimizer = make_optimizer(config.train, params, steps_per_epoch=spe, total_steps=n_steps)
     state = parallel.place_state(create_train_state(params, optimizer), mesh, fsdp)
     train_key = parallel.place_state(train_key, mesh)
-    train_step = make_train_step(model, optimizer, config)
-    eval_step = make_eval_step(model, config)
 
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, "score", config=config)
     tracker = _Tracker(patience=config.train.early_stopping_patience)
@@ -206,6 +204,9 @@ def fit(
             dev_cache = features.cache_embeddings(model, state.params, run_data.dev, config)
         train_step = features.make_cached_train_step(model, optimizer, config)
         eval_step = features.make_cached_eval_step(model, config)
+    else:
+        train_step = make_train_step(model, optimizer, config)
+        eval_step = make_eval_step(model, config)
 
     resumed_at = start if latest is not None else None
     logger = _MetricsLogger(workdir, resumed_at) if main else _NoLogger()

@@ -80,6 +80,17 @@ def _token_types(batch: Batch) -> jax.Array:
     return jnp.zeros_like(batch["input_ids"])
 
 
+def _apply(model: Any, params: Any, batch: Batch, **kwargs: Any):
+    """The model on a batch's token inputs, with the model's part of the params."""
+    return model.apply(
+        {"params": model_params(params)},
+        batch["input_ids"],
+        batch["attention_mask"],
+        _token_types(batch),
+        **kwargs,
+    )
+
+
 def build_train_step(
     model: Any, optimizer: optax.GradientTransformation, config: Config
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
@@ -93,11 +104,10 @@ def build_train_step(
     skip_nonfinite = config.train.skip_nonfinite
 
     def loss_fn(params, batch, key):
-        logits, _ = model.apply(
-            {"params": model_params(params)},
-            batch["input_ids"],
-            batch["attention_mask"],
-            _token_types(batch),
+        logits, _ = _apply(
+            model,
+            params,
+            batch,
             deterministic=False,
             backbone_deterministic=backbone_deterministic,
             train_backbone=train_backbone,
@@ -199,13 +209,7 @@ def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[s
     """The pure, unjitted eval step (see :func:`make_eval_step`)."""
 
     def eval_step(params, batch):
-        logits, _ = model.apply(
-            {"params": model_params(params)},
-            batch["input_ids"],
-            batch["attention_mask"],
-            _token_types(batch),
-            deterministic=True,
-        )
+        logits, _ = _apply(model, params, batch, deterministic=True)
         valid = batch.get("valid")
         return {
             task: eval_counts(batch["labels"][task], task_logits, valid)
@@ -234,13 +238,7 @@ def make_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[st
 
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(model: Any, params: Any, batch: Batch):
-    logits, aux = model.apply(
-        {"params": model_params(params)},
-        batch["input_ids"],
-        batch["attention_mask"],
-        _token_types(batch),
-        deterministic=True,
-    )
+    logits, aux = _apply(model, params, batch, deterministic=True)
     probs = {task: jax.nn.softmax(x, axis=-1) for task, x in logits.items()}
     return probs, aux["embedding"]
 
