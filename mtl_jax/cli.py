@@ -112,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.workdir:
         raise UserError("train: --workdir is required (the run directory)")
-    from mtl_jax.fit import fit, read_metrics
+    from mtl_jax.loop import fit
+    from mtl_jax.metrics_log import read_metrics
 
     try:
         result = fit(config, args.workdir, progress=not args.no_progress)

@@ -6,9 +6,9 @@ embedding of a row is the same at every step of every epoch. Computing it once, 
 length-sorted inference batches, and training the heads from the cache turns each later
 step from a BERT forward pass into a few small matmuls.
 
-The cached step is :func:`mtl_jax.train.build_train_step` itself, with the model swapped
-for a heads-only stand-in whose input is the cached embedding. It therefore optimises the
-same :class:`~mtl_jax.train.TrainState` (full params tree, backbone included, with the
+The cached step is :func:`mtl_jax.train.make_train_step` itself, given
+:func:`cached_forward` (the heads on the cached embedding) as its forward. It therefore
+optimises the same :class:`~mtl_jax.train.TrainState` (full params tree, backbone included, with the
 optimiser of :func:`~mtl_jax.freezing.make_optimizer`), so checkpoints are interchangeable
 with the full step; the backbone's gradient is an exact zero, as under the full step's
 ``stop_gradient``; it returns exactly the same metrics; and the heads draw the same dropout
@@ -18,7 +18,7 @@ matches a full run up to float rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,13 +27,10 @@ import numpy as np
 from mtl_jax.config import Config
 from mtl_jax.data import Dataset
 from mtl_jax.errors import UserError
+from mtl_jax.evaluate import embed_tokenized
 from mtl_jax.freezing import backbone_trainable
-from mtl_jax.inference import embed_tokenized
-from mtl_jax.metrics import eval_counts
 from mtl_jax.model import MultiTaskModel
-from mtl_jax.train import Batch, Metrics, TrainState, build_train_step
-
-CACHED_STEP_KEYS = ("embedding", "labels")
+from mtl_jax.train import Forward
 
 
 def cache_blockers(config: Config) -> list[str]:
@@ -107,97 +104,30 @@ def _run_heads(module: MultiTaskModel, embedding: jax.Array, deterministic: bool
     return module.heads(embedding, deterministic=deterministic)
 
 
-class _CachedModel:
-    """Stands in for the :class:`MultiTaskModel` inside ``build_train_step``.
+def cached_forward(model: MultiTaskModel, config: Config) -> Forward:
+    """The heads on ``batch["embedding"]``: the forward of the cached train and eval steps.
 
-    That step passes ``batch["input_ids"]`` as the model's first input; here it is the
-    cached embedding, and ``apply`` runs only the heads on it.
-    """
-
-    def __init__(self, model: MultiTaskModel):
-        self.model = model
-
-    def apply(
-        self,
-        variables: Mapping[str, Any],
-        embedding: jax.Array,
-        *unused_inputs: Any,
-        deterministic: bool = True,
-        backbone_deterministic: bool | None = None,
-        train_backbone: bool = True,
-        rngs: Mapping[str, jax.Array] | None = None,
-    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        if backbone_deterministic is False or train_backbone:
-            raise ValueError("cached embeddings need a frozen, deterministic backbone")
-        params = {"heads": variables["params"]["heads"]}
-        logits = self.model.apply(
-            {"params": params}, embedding, deterministic, method=_run_heads, rngs=rngs
-        )
-        return logits, {"embedding": embedding}
-
-
-def build_cached_train_step(
-    model: MultiTaskModel, optimizer: Any, config: Config
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
-    """The pure, unjitted cached step (see :func:`make_cached_train_step`), for tests.
-
-    Its batch is ``{"embedding": [B, hidden], "labels": {task: [B]}}``.
-    """
-    blockers = cache_blockers(config)
-    if blockers:
-        raise UserError("cannot train from cached embeddings: " + "; ".join(blockers))
-    step = build_train_step(_CachedModel(model), optimizer, config)
-
-    def cached_train_step(state: TrainState, batch: Batch, key: jax.Array):
-        inputs = {"input_ids": batch["embedding"], "attention_mask": None}
-        return step(state, {**inputs, "labels": batch["labels"]}, key)
-
-    return cached_train_step
-
-
-def make_cached_train_step(
-    model: MultiTaskModel, optimizer: Any, config: Config
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
-    """``train_step(state, batch, key) -> (state, metrics)`` on cached embeddings, jitted.
-
-    A drop-in for :func:`mtl_jax.train.make_train_step` under a frozen deterministic
-    backbone: same state (donated), same key handling, same metrics, same numbers. The
-    batch needs ``"embedding"`` (see :func:`cached_batch`) and ``"labels"``; other keys
-    are dropped before the jitted call. Every batch has the shape ``[B, hidden]`` whatever
-    its token length, so the step compiles once.
+    Pass it to :func:`mtl_jax.train.make_train_step` / :func:`~mtl_jax.train.make_eval_step`
+    (``forward=``); their batches need ``"embedding"`` (see :func:`cached_batch`) and
+    ``"labels"``. Every batch has the shape ``[B, hidden]`` whatever its token length, so
+    each step compiles once.
 
     Raises:
       UserError: the config can train the backbone or has backbone dropout on.
     """
-    jitted = jax.jit(build_cached_train_step(model, optimizer, config), donate_argnums=0)
+    blockers = cache_blockers(config)
+    if blockers:
+        raise UserError("cannot train from cached embeddings: " + "; ".join(blockers))
 
-    def train_step(state: TrainState, batch: Batch, key: jax.Array):
-        return jitted(state, {k: batch[k] for k in CACHED_STEP_KEYS}, key)
-
-    return train_step
-
-
-def make_cached_eval_step(
-    model: MultiTaskModel, config: Config
-) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """``eval_step(params, batch) -> {task: counts}`` on cached embeddings.
-
-    The counterpart of :func:`mtl_jax.train.make_eval_step` for a dev set whose
-    embeddings were cached (:func:`cache_embeddings`, :func:`cached_batch`); rows with
-    label ``-1`` or ``valid == False`` are not counted.
-    """
-
-    def eval_step(params, batch):
+    def forward(params, batch, train, rngs):
+        embedding = batch["embedding"]
         logits = model.apply(
-            {"params": {"heads": params["heads"]}}, batch["embedding"], True, method=_run_heads
+            {"params": {"heads": params["heads"]}},
+            embedding,
+            not train,
+            method=_run_heads,
+            rngs=rngs,
         )
-        valid = batch.get("valid")
-        return {task: eval_counts(batch["labels"][task], x, valid) for task, x in logits.items()}
+        return logits, {"embedding": embedding}
 
-    jitted = jax.jit(eval_step)
-
-    def cached_eval_step(params, batch):
-        inputs = {k: batch[k] for k in (*CACHED_STEP_KEYS, "valid") if k in batch}
-        return jitted({"heads": params["heads"]}, inputs)
-
-    return cached_eval_step
+    return Forward(forward, ("embedding",))

@@ -1,13 +1,12 @@
-"""Embedding and prediction over many sentences: length-sorted, bucketed, order restored.
+"""Models ready to use: a pretrained :class:`SentenceEncoder`, and a trained run restored.
 
-Sorting by length and padding each batch to one of a few bucket lengths keeps padding low
-and bounds the number of XLA compilations; row ``i`` of every output is input ``i``.
+The batched work (length-sorted, bucketed, order restored) is :mod:`mtl_jax.evaluate`'s;
+this module turns texts and run directories into its inputs and its outputs into records.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,77 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.data import inference_batches, inference_buckets, restore_order
-from mtl_jax.encoder import Tokenized, tokenize
-from mtl_jax.model import MultiTaskModel
-from mtl_jax.train import make_predict_fn
+from mtl_jax.checkpoint import check_label_stamp, check_params_fit, open_run, restore_params
+from mtl_jax.config import Config, ModelConfig
+from mtl_jax.data import load_task_datasets
+from mtl_jax.encoder import Backbone, load_backbone, tokenize
+from mtl_jax.evaluate import (  # noqa: F401  (embed/predict_tokenized: public here too)
+    Scores,
+    embed_tokenized,
+    evaluate_dataset,
+    predict_tokenized,
+)
+from mtl_jax.model import MultiTaskModel, build_model, init_params
+from mtl_jax.train import make_eval_step
 
 Params = dict[str, Any]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_batch(model: MultiTaskModel, params: Params, batch: dict) -> jax.Array:
-    embedding, _ = model.apply(
-        {"params": params},
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["token_type_ids"],
-        method=MultiTaskModel.embed,
-    )
-    return embedding
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
-def _map_batches(fn, tokenized: Tokenized, batch_size: int, buckets, max_length: int):
-    """``fn`` over length-sorted, bucketed batches; outputs back in input order.
-
-    ``buckets=None`` pads to :func:`mtl_jax.data.inference_buckets`.
-    """
-    if len(tokenized) == 0:
-        raise ValueError("no sentences to run the model on")
-    if buckets is None:
-        buckets = inference_buckets(max_length)
-    chunks, indices = [], []
-    for rows, batch in inference_batches(tokenized, batch_size, buckets, max_length):
-        chunks.append(jax.device_get(fn(_model_inputs(batch))))
-        indices.append(rows)
-    return restore_order(chunks, indices, len(tokenized))
-
-
-def embed_tokenized(
-    model: MultiTaskModel,
-    params: Params,
-    tokenized: Tokenized,
-    *,
-    batch_size: int = 64,
-    buckets: Sequence[int] | None = None,
-    max_length: int = 128,
-) -> np.ndarray:
-    """Pooled embeddings ``[N, hidden]`` (float32), row ``i`` for sentence ``i``."""
-    embed = functools.partial(_embed_batch, model, params)
-    return _map_batches(embed, tokenized, batch_size, buckets, max_length)
-
-
-def predict_tokenized(
-    model: MultiTaskModel,
-    params: Params,
-    tokenized: Tokenized,
-    *,
-    batch_size: int = 64,
-    buckets: Sequence[int] | None = None,
-    max_length: int = 128,
-) -> dict[str, np.ndarray]:
-    """Class probabilities per task ``{task: [N, num_labels]}``, in input order."""
-
-    predict = make_predict_fn(model)
-
-    def probs(batch):
-        return predict(params, batch)[0]
-
-    return _map_batches(probs, tokenized, batch_size, buckets, max_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +59,6 @@ class SentenceEncoder:
         seed: int = 0,
     ) -> SentenceEncoder:
         """An encoder over pretrained (or, for ``"tiny"``, seeded random) BERT weights."""
-        from mtl_jax.config import Config, ModelConfig
-        from mtl_jax.encoder import load_backbone
-        from mtl_jax.model import build_model, init_params
-
         model_cfg = ModelConfig(
             backbone=backbone,
             layer=layer,
@@ -163,7 +101,7 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Trained:
     """A run restored for inference: config with labels, model, params, tokenizer."""
 
-    config: Any  # mtl_jax.config.Config
+    config: Config
     model: MultiTaskModel
     params: Params
     tokenizer: Any
@@ -185,10 +123,6 @@ def load_trained(workdir: str, which: str = "latest") -> Trained:
       UserError: not a run directory, no complete checkpoint, or params that do not fit
         the config saved with them (shapes, or the label names the checkpoint records).
     """
-    from mtl_jax.checkpoint import check_label_stamp, check_params_fit, open_run, restore_params
-    from mtl_jax.encoder import Backbone
-    from mtl_jax.model import build_model
-
     run = open_run(workdir)
     model = build_model(run.config, Backbone(run.bert_config, None, run.tokenizer, workdir))
     ids = jnp.ones((1, 8), jnp.int32)
@@ -237,12 +171,8 @@ def predict_texts(
     return records
 
 
-def evaluate_files(trained: Trained, files: dict[str, str], batch_size: int = 64) -> dict:
+def evaluate_files(trained: Trained, files: dict[str, str], batch_size: int = 64) -> Scores:
     """Scores per task on labelled files ``{task: path}``, with the checkpoint's label maps."""
-    from mtl_jax.data import load_task_datasets
-    from mtl_jax.fit import evaluate_dataset
-    from mtl_jax.train import make_eval_step
-
     config = trained.config
     tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
     config = dataclasses.replace(

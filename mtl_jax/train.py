@@ -1,13 +1,19 @@
-"""The train state and the pure, jitted steps: train, eval and predict.
+"""The train state and one family of pure steps (train, eval, predict), given a forward.
 
 ``train_step(state, batch, key) -> (state, metrics)`` is one compiled program for the whole
 run: freezing and gradual unfreezing live in the optimiser (see :mod:`mtl_jax.freezing`),
 the dropout key is ``fold_in(key, state.step)``, and nothing in a step talks to the host, so
 the fit loop decides when to read metrics back.
+
+A step never calls the model directly: it calls a *forward* function,
+``forward(params, batch, train, rngs) -> (logits per task, aux)``. :func:`model_forward` is
+the full model on token inputs; :func:`mtl_jax.features.cached_forward` runs only the heads
+on a cached embedding. Both paths therefore share one train step and one eval step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,10 +29,30 @@ from mtl_jax.losses import multitask_loss
 from mtl_jax.metrics import eval_counts
 
 Batch = Mapping[str, Any]
-Metrics = dict[str, jax.Array]
+Metrics = dict[str, Any]  # {"loss", "grad_norm", ..., "tasks": {task: {"loss", ...}}}
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-STEP_KEYS = (*MODEL_INPUTS, "labels", "valid")
+TARGET_KEYS = ("labels", "valid")
+STEP_KEYS = (*MODEL_INPUTS, *TARGET_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """``apply(params, batch, train, rngs) -> (logits per task, aux)`` and what it reads.
+
+    ``inputs`` are the batch keys ``apply`` reads; the jitted steps pass only those (and
+    the targets), so other keys neither reach the device nor cause a retrace.
+    """
+
+    apply: Callable[[Any, Batch, bool, Mapping[str, jax.Array] | None], tuple[dict, dict]]
+    inputs: tuple[str, ...] = MODEL_INPUTS
+
+    def __call__(self, params, batch, train, rngs):
+        return self.apply(params, batch, train, rngs)
+
+    @property
+    def step_keys(self) -> tuple[str, ...]:
+        return (*self.inputs, *TARGET_KEYS)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -68,51 +94,63 @@ def model_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"backbone": params["backbone"], "heads": params["heads"]}
 
 
-def step_inputs(batch: Batch) -> dict[str, Any]:
+def step_inputs(batch: Batch, keys: tuple[str, ...] = STEP_KEYS) -> dict[str, Any]:
     """Only the keys a step reads, so extra keys (``index``, texts) neither break the jit
     nor cause a retrace when they come and go."""
-    return {k: batch[k] for k in STEP_KEYS if k in batch}
+    return {k: batch[k] for k in keys if k in batch}
 
 
-def _token_types(batch: Batch) -> jax.Array:
-    if "token_type_ids" in batch:
-        return batch["token_type_ids"]
-    return jnp.zeros_like(batch["input_ids"])
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The token arrays the model reads (``token_type_ids`` zeros when absent)."""
+    types = batch.get("token_type_ids")
+    if types is None:
+        types = jnp.zeros_like(batch["input_ids"])
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "token_type_ids": types,
+    }
 
 
-def _apply(model: Any, params: Any, batch: Batch, **kwargs: Any):
-    """The model on a batch's token inputs, with the model's part of the params."""
-    return model.apply(
-        {"params": model_params(params)},
-        batch["input_ids"],
-        batch["attention_mask"],
-        _token_types(batch),
-        **kwargs,
-    )
+def model_forward(model: Any, config: Config | None = None) -> Forward:
+    """The full model on a batch's token inputs: the forward of every uncached step.
+
+    In training (``train=True``) the heads' dropout is on, BERT's only with
+    ``model.backbone_dropout``; when no backbone group can ever train, the model stops
+    gradients at the pooled embedding so XLA drops the backbone's backward pass.
+    ``config=None`` (inference) needs ``train=False``.
+    """
+    backbone_deterministic = not (config is not None and config.model.backbone_dropout)
+    train_backbone = config is None or backbone_trainable(config.train)
+
+    def forward(params, batch, train, rngs):
+        inputs = model_inputs(batch)
+        return model.apply(
+            {"params": model_params(params)},
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["token_type_ids"],
+            deterministic=not train,
+            backbone_deterministic=backbone_deterministic if train else None,
+            train_backbone=train_backbone,
+            rngs=rngs,
+        )
+
+    return Forward(forward, MODEL_INPUTS)
 
 
 def build_train_step(
-    model: Any, optimizer: optax.GradientTransformation, config: Config
+    forward: Forward, optimizer: optax.GradientTransformation, config: Config
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
-    """The pure, unjitted train step (see :func:`make_train_step`), for wrapping in tests."""
+    """The pure, unjitted train step over ``forward`` (see :func:`make_train_step`)."""
     weights = {t.name: float(t.loss_weight) for t in config.tasks}
     class_weights = {
         t.name: jnp.asarray(t.class_weights, jnp.float32) for t in config.tasks if t.class_weights
     }
-    train_backbone = backbone_trainable(config.train)
-    backbone_deterministic = not config.model.backbone_dropout
     skip_nonfinite = config.train.skip_nonfinite
 
     def loss_fn(params, batch, key):
-        logits, _ = _apply(
-            model,
-            params,
-            batch,
-            deterministic=False,
-            backbone_deterministic=backbone_deterministic,
-            train_backbone=train_backbone,
-            rngs={"dropout": key},
-        )
+        logits, _ = forward(params, batch, True, {"dropout": key})
         total, per_task = multitask_loss(
             logits, batch["labels"], weights, params.get("log_vars"), class_weights
         )
@@ -144,19 +182,28 @@ def build_train_step(
             "update_norm": update_norm,
             "finite": finite,
             "skipped": skipped,
+            "tasks": _task_metrics(logits, batch["labels"], per_task, state.params),
         }
-        for task, task_logits in logits.items():
-            labels = batch["labels"][task]
-            labelled = labels >= 0
-            metrics[f"{task}/loss"] = per_task[task]
-            metrics[f"{task}/correct"] = ((task_logits.argmax(-1) == labels) & labelled).sum()
-            metrics[f"{task}/count"] = labelled.sum()
-            if "log_vars" in state.params:
-                metrics[f"{task}/log_var"] = state.params["log_vars"][task]
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step
+
+
+def _task_metrics(logits, labels, per_task, params) -> dict[str, dict[str, jax.Array]]:
+    """Per task: its loss, correct and labelled rows, and the learned log-variance."""
+    tasks = {}
+    for task, task_logits in logits.items():
+        task_labels = labels[task]
+        labelled = task_labels >= 0
+        tasks[task] = {
+            "loss": per_task[task],
+            "correct": ((task_logits.argmax(-1) == task_labels) & labelled).sum(),
+            "count": labelled.sum(),
+        }
+        if "log_vars" in params:
+            tasks[task]["log_var"] = params["log_vars"][task]
+    return tasks
 
 
 def _trainable_grad_norm(opt_state: Any, grads: Any) -> jax.Array:
@@ -166,31 +213,36 @@ def _trainable_grad_norm(opt_state: Any, grads: Any) -> jax.Array:
 
 
 def make_train_step(
-    model: Any, optimizer: optax.GradientTransformation, config: Config
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    config: Config,
+    forward: Forward | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """``train_step(state, batch, key) -> (state, metrics)``, jitted with the state donated.
 
-    The step computes the weighted multi-task loss (heads' dropout on; BERT's dropout only
-    with ``model.backbone_dropout``), its gradient, and the optimiser update. When no backbone
-    group can ever train, the model stops gradients at the pooled embedding so XLA drops the
-    backbone's backward pass. ``key`` is the run's train key; each step folds in its counter.
+    The step computes the weighted multi-task loss over ``forward`` (default
+    :func:`model_forward`; the feature cache passes
+    :func:`mtl_jax.features.cached_forward`), its gradient, and the optimiser update.
+    ``key`` is the run's train key; each step folds in its counter.
 
     Metrics (device arrays; read them when logging): ``loss`` (weighted total),
     ``grad_norm`` (trainable gradient, before clipping), ``update_norm``, ``finite``
     (loss, gradient and update all finite), ``skipped`` (1 when ``train.skip_nonfinite``
     threw this step away: params and optimiser state unchanged, step counter advanced),
-    and per task ``<task>/loss``, ``<task>/correct``, ``<task>/count`` (labelled rows) and,
-    with uncertainty weighting, ``<task>/log_var``. Without ``skip_nonfinite`` a non-finite
-    step is applied and only flagged: the fit loop raises on ``finite == False``.
+    and ``tasks[task]`` with ``loss``, ``correct``, ``count`` (labelled rows) and, with
+    uncertainty weighting, ``log_var``. Without ``skip_nonfinite`` a non-finite step is
+    applied and only flagged: the fit loop raises on ``finite == False``.
 
-    Batch keys other than the model inputs, ``labels`` and ``valid`` are dropped before the
-    jitted call.
+    Batch keys other than the forward's inputs, ``labels`` and ``valid`` are dropped
+    before the jitted call.
     """
-    return jit_train_step(build_train_step(model, optimizer, config))
+    forward = forward or model_forward(model, config)
+    return jit_train_step(build_train_step(forward, optimizer, config), forward.step_keys)
 
 
 def jit_train_step(
     train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]],
+    keys: tuple[str, ...] = STEP_KEYS,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Jit a pure train step with the state donated, behind a filter of the batch's keys.
 
@@ -200,16 +252,16 @@ def jit_train_step(
     jitted = jax.jit(train_step, donate_argnums=0)
 
     def step(state: TrainState, batch: Batch, key: jax.Array):
-        return jitted(state, step_inputs(batch), key)
+        return jitted(state, step_inputs(batch, keys), key)
 
     return step
 
 
-def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """The pure, unjitted eval step (see :func:`make_eval_step`)."""
+def build_eval_step(forward: Forward) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """The pure, unjitted eval step over ``forward`` (see :func:`make_eval_step`)."""
 
     def eval_step(params, batch):
-        logits, _ = _apply(model, params, batch, deterministic=True)
+        logits, _ = forward(params, batch, False, None)
         valid = batch.get("valid")
         return {
             task: eval_counts(batch["labels"][task], task_logits, valid)
@@ -219,26 +271,30 @@ def build_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[s
     return eval_step
 
 
-def make_eval_step(model: Any, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+    model: Any, config: Config, forward: Forward | None = None
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """``eval_step(params, batch) -> {task: counts}``, deterministic, jitted.
 
     ``counts`` is :func:`mtl_jax.metrics.eval_counts`: ``{"confusion": [K, K] int32,
     "loss_sum": float32}``. Sum them over batches (``jax.tree.map(jnp.add, ...)``) and score
     the totals with :func:`mtl_jax.metrics.summarize`.
     Rows labelled ``-1`` for a task, and rows with ``batch["valid"] == False`` (padding of a
-    last, short batch) if that key is present, are not counted.
+    last, short batch) if that key is present, are not counted. ``forward`` as in
+    :func:`make_train_step`.
     """
-    jitted = jax.jit(build_eval_step(model, config))
+    forward = forward or model_forward(model, config)
+    jitted = jax.jit(build_eval_step(forward))
 
     def eval_step(params, batch):
-        return jitted(params, step_inputs(batch))
+        return jitted(params, step_inputs(batch, forward.step_keys))
 
     return eval_step
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(model: Any, params: Any, batch: Batch):
-    logits, aux = _apply(model, params, batch, deterministic=True)
+    logits, aux = model_forward(model)(params, batch, False, None)
     probs = {task: jax.nn.softmax(x, axis=-1) for task, x in logits.items()}
     return probs, aux["embedding"]
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mtl_jax.fit import read_metrics
+from mtl_jax.metrics_log import read_metrics
 
 SET = "--set"
 

@@ -10,7 +10,7 @@ import json
 import sys
 
 from mtl_jax.cli import main as cli_main
-from mtl_jax.fit import epoch_summaries
+from mtl_jax.metrics_log import epoch_summaries
 
 EXAMPLES = [
     "the detective studied the alibi and found it wonderful.",

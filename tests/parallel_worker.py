@@ -61,7 +61,7 @@ def with_dev(cfg, rows):
 
 
 def train_losses(workdir) -> list[float]:
-    from mtl_jax.fit import read_metrics
+    from mtl_jax.metrics_log import read_metrics
 
     return [e["loss"] for e in read_metrics(workdir) if e["split"] == "train"]
 
@@ -85,7 +85,7 @@ def devices4(out: Path) -> dict:
     import jax
 
     from mtl_jax import parallel
-    from mtl_jax.fit import fit
+    from mtl_jax.loop import fit
 
     assert jax.device_count() == 4, jax.devices()
     result: dict = {}
@@ -163,7 +163,7 @@ def device1(out: Path) -> dict:
     import jax
 
     from mtl_jax.checkpoint import restore_params
-    from mtl_jax.fit import fit
+    from mtl_jax.loop import fit
 
     assert jax.device_count() == 1, jax.devices()
     resume_from_step10(out / "rep4", out / "resume1")
@@ -197,7 +197,7 @@ def host(out: Path, index: int) -> dict:
     import jax
 
     from mtl_jax import parallel
-    from mtl_jax.fit import fit
+    from mtl_jax.loop import fit
 
     result = fit(with_parallel(config(), fsdp=True), out / "host", progress=False)
     return {

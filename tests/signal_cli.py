@@ -29,7 +29,7 @@ def main() -> int:
         raise SystemExit(__doc__)
     at, sig = int(at), getattr(signal, "SIG" + name)
 
-    from mtl_jax import checkpoint, cli, fit
+    from mtl_jax import checkpoint, cli, hooks, run_setup
 
     current = [0]  # the number of the last step dispatched
     checkpointers = []
@@ -41,7 +41,7 @@ def main() -> int:
                     checkpointer.wait()
             os.kill(os.getpid(), sig)
 
-    make_train_step = fit.make_train_step
+    make_train_step = run_setup.make_train_step
 
     def patched_make_train_step(*args, **kwargs):
         train_step = make_train_step(*args, **kwargs)
@@ -55,7 +55,7 @@ def main() -> int:
 
         return step
 
-    evaluate_dataset = fit.evaluate_dataset
+    evaluate_dataset = hooks.evaluate_dataset
 
     def patched_evaluate_dataset(eval_step, *args, **kwargs):
         def first_batch_fires(params, batch):
@@ -77,8 +77,8 @@ def main() -> int:
         save(self, step, *args, **kwargs)
         fire("save", step)
 
-    fit.make_train_step = patched_make_train_step
-    fit.evaluate_dataset = patched_evaluate_dataset
+    run_setup.make_train_step = patched_make_train_step
+    hooks.evaluate_dataset = patched_evaluate_dataset
     checkpoint.Checkpointer.__init__ = patched_init
     checkpoint.Checkpointer.save = patched_save
     return cli.main(argv)

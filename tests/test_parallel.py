@@ -30,7 +30,7 @@ from mtl_jax.config import Config, ParallelConfig, TrainConfig, apply_overrides,
 from mtl_jax.errors import UserError
 from mtl_jax.freezing import make_optimizer
 from mtl_jax.model import build_model
-from mtl_jax.train import build_train_step, create_train_state
+from mtl_jax.train import build_train_step, create_train_state, model_forward
 
 from conftest import make_fake_batch, replace_model
 from parallel_worker import max_rel_diff
@@ -191,7 +191,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_optimizer(tiny_config
     optimizer = make_optimizer(config.train, params, steps_per_epoch=10, total_steps=10)
     state = jax.eval_shape(lambda p: create_train_state(p, optimizer), params)
     batch = {k: v for k, v in make_fake_batch(config).items() if k != "index"}
-    step = build_train_step(model, optimizer, config)
+    step = build_train_step(model_forward(model, config), optimizer, config)
     key = jax.random.key(1)
 
     new_state, _ = jax.eval_shape(step, state, batch, key)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_jax import cli, config, fit
+from mtl_jax import cli, config, metrics_log, run_setup
 from mtl_jax.errors import UserError
 from mtl_jax.synthetic import make_rows, write_tsv
 
@@ -517,8 +517,10 @@ def test_unwritable_run_directory(capsys, tmp_path):
 
 def test_full_disk_is_refused_before_training(capsys, monkeypatch, tmp_path):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(fit.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
-    monkeypatch.setattr(fit, "load_backbone", _must_not_run)  # refused before any work
+    monkeypatch.setattr(
+        run_setup.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20)
+    )
+    monkeypatch.setattr(run_setup, "load_backbone", _must_not_run)  # refused before any work
     train = tmp_path / "train.tsv"
     train.write_text(GOOD, encoding="utf-8")
     code = cli.main(train_on(tmp_path / "run", train))
@@ -564,7 +566,7 @@ def test_disk_full_while_logging(hostile_run, capsys, monkeypatch, tmp_path):
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    monkeypatch.setattr(fit._MetricsLogger, "log", full)
+    monkeypatch.setattr(metrics_log.MetricsLogger, "log", full)
     run = tmp_path / "run"
     code = cli.main(train_on(run, hostile_run.train_file, "tasks.genre.labels=[]"))
     err = assert_error(capsys, code, f"{run / 'metrics.jsonl'}: No space left on device")

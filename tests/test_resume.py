@@ -24,13 +24,14 @@ import jax
 import numpy as np
 import pytest
 
-from mtl_jax import cli
-from mtl_jax import fit as fit_lib
+from mtl_jax import cli, run_setup
 from mtl_jax.checkpoint import restore_params
 from mtl_jax.config import apply_overrides
 from mtl_jax.encoder import load_backbone
-from mtl_jax.fit import fit, load_run_data, read_metrics
+from mtl_jax.loop import fit
+from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
+from mtl_jax.run_setup import load_run_data
 
 from compile_cache import compile_cache, session_cache_dir
 
@@ -232,7 +233,7 @@ def poison_step(monkeypatch, at: int) -> None:
     """Make training batch ``at`` give a NaN loss: an out-of-vocabulary token id reads a NaN
     embedding (JAX's gather fills out-of-range rows with NaN), a real non-finite forward and
     backward pass rather than a faked flag."""
-    make_train_step = fit_lib.make_train_step
+    make_train_step = run_setup.make_train_step
 
     def patched(*args, **kwargs):
         train_step = make_train_step(*args, **kwargs)
@@ -246,7 +247,7 @@ def poison_step(monkeypatch, at: int) -> None:
 
         return step
 
-    monkeypatch.setattr(fit_lib, "make_train_step", patched)
+    monkeypatch.setattr(run_setup, "make_train_step", patched)
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(

@@ -23,6 +23,7 @@ from mtl_jax.train import (
     jit_train_step,
     make_eval_step,
     make_predict_fn,
+    model_forward,
 )
 
 from conftest import make_fake_batch, replace_model
@@ -72,7 +73,9 @@ def gradual(tiny_config, tiny_model, tiny_params):
     params = init_train_params(tiny_params, config)
     optimizer = freezing.make_optimizer(config.train, params, total_steps=100)
     step = jit_train_step(
-        chex.assert_max_traces(build_train_step(tiny_model, optimizer, config), n=1)
+        chex.assert_max_traces(
+            build_train_step(model_forward(tiny_model, config), optimizer, config), n=1
+        )
     )
     return config, params, optimizer, step
 
@@ -134,15 +137,15 @@ def test_loss_decreases_and_task_weights_move(gradual):
     task_losses = []
     for _ in range(30):
         state, metrics = step(state, batch, jax.random.key(1))
-        task_losses.append(float(metrics["genre/loss"]) + float(metrics["sentiment/loss"]))
+        task_losses.append(sum(float(metrics["tasks"][t]["loss"]) for t in ("genre", "sentiment")))
     assert np.mean(task_losses[-5:]) < 0.7 * np.mean(task_losses[:5]), task_losses
     for task in ("genre", "sentiment"):
         labelled = int((batch["labels"][task] >= 0).sum())
-        assert int(metrics[f"{task}/count"]) == labelled
-        assert 0 <= int(metrics[f"{task}/correct"]) <= labelled
+        assert int(metrics["tasks"][task]["count"]) == labelled
+        assert 0 <= int(metrics["tasks"][task]["correct"]) <= labelled
         # Uncertainty weighting learns s_t: it leaves 0 and is reported.
         assert abs(float(state.params["log_vars"][task])) > 1e-2
-        assert f"{task}/log_var" in metrics
+        assert "log_var" in metrics["tasks"][task]
     assert float(metrics["grad_norm"]) > 0 and float(metrics["update_norm"]) > 0
 
 
@@ -175,12 +178,14 @@ def test_frozen_backbone_drops_the_backbone_backward_pass(tiny_config, tiny_mode
     """With no backbone group trainable, the step's only matmuls beyond the forward pass are
     the heads' backward ones (a BERT backward would add several per layer)."""
     batch = {k: v for k, v in make_fake_batch(tiny_config).items() if k != "index"}
-    forward = _dot_count(build_eval_step(tiny_model, tiny_config), tiny_params, batch)
+    forward = _dot_count(
+        build_eval_step(model_forward(tiny_model, tiny_config)), tiny_params, batch
+    )
     assert forward >= 2 * 6 + HEAD_DENSE_LAYERS  # q, k, v, out, ffn in/out per layer
     config = with_train(tiny_config, freeze="backbone")
     optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=10)
     state = create_train_state(tiny_params, optimizer)
-    train_step = build_train_step(tiny_model, optimizer, config)
+    train_step = build_train_step(model_forward(tiny_model, config), optimizer, config)
     backward = _dot_count(train_step, state, batch, jax.random.key(0)) - forward
     assert 0 < backward <= 2 * HEAD_DENSE_LAYERS
 
