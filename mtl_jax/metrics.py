@@ -89,6 +89,11 @@ def macro_f1(cm: jax.Array) -> jax.Array:
     return jnp.where(n_present > 0, f1.sum() / jnp.maximum(n_present, 1), 0.0)
 
 
+@jax.jit
+def _scores(cm: jax.Array) -> dict[str, jax.Array]:
+    return {"accuracy": accuracy(cm), "macro_f1": macro_f1(cm)}
+
+
 def summarize(confusions: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Plain-Python scores per task, ready for JSON and logs.
 
@@ -105,11 +110,13 @@ def summarize(confusions: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         loss_sum = None
         if isinstance(counts, Mapping):
             counts, loss_sum = counts["confusion"], counts["loss_sum"]
-        cm = np.asarray(jax.device_get(counts), dtype=np.int64)
+        # Scored where the counts live, then one explicit read-back (no hidden transfers).
+        host = jax.device_get({"cm": counts, **_scores(counts)})
+        cm = np.asarray(host["cm"], dtype=np.int64)
         n = int(cm.sum())
         out[task] = {
-            "accuracy": float(accuracy(cm)),
-            "macro_f1": float(macro_f1(cm)),
+            "accuracy": float(host["accuracy"]),
+            "macro_f1": float(host["macro_f1"]),
             "n": n,
             "confusion": cm.tolist(),
         }

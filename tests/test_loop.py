@@ -1,0 +1,77 @@
+"""The fit loop: step then hooks, with no hidden host<->device traffic."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mtl_jax.config import apply_overrides
+from mtl_jax.hooks import Hook, default_hooks
+from mtl_jax.loop import train_loop
+from mtl_jax.metrics_log import read_metrics
+from mtl_jax.presets import preset
+from mtl_jax.run_setup import setup_run
+
+SETS = [
+    'model.backbone="tiny"',
+    "model.max_length=16",
+    'train.freeze="none"',
+    "data.synthetic_train_rows=64",
+    "data.synthetic_dev_rows=16",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.eval_every=4",
+    "train.checkpoint_every=4",
+    "train.log_every=2",
+]
+
+
+def _config(*extra: str):
+    return apply_overrides(preset("demo"), [*SETS, *extra])
+
+
+class _Recorder(Hook):
+    """Records the steps it saw and stops the run at ``stop_at``."""
+
+    def __init__(self, stop_at: int = 0):
+        self.steps: list[int] = []
+        self.finished: list[int] = []
+        self.closed = False
+        self.stop_at = stop_at
+
+    def __call__(self, info):
+        self.steps.append(info.step)
+        return "recorder" if info.step == self.stop_at else None
+
+    def finish(self, info):
+        self.finished.append(info.step)
+
+    def close(self):
+        self.closed = True
+
+
+def test_loop_makes_no_implicit_transfer(tmp_path):
+    """Every host<->device copy in the loop and its hooks is an explicit one."""
+    run = setup_run(_config(), tmp_path / "run")
+    hooks = default_hooks(run, progress=False)
+    with jax.transfer_guard("disallow"):
+        result = train_loop(run, hooks, handle_signals=False)
+    assert result.steps == run.n_steps == 8 and result.stopped == "done"
+    events = read_metrics(tmp_path / "run")
+    assert [e["step"] for e in events if e["split"] == "dev"] == [4, 8]
+    assert [e["step"] for e in events if e["split"] == "train"] == [2, 4, 6, 8]
+
+
+def test_a_hook_sees_every_step_and_can_stop_the_run(tmp_path):
+    run = setup_run(_config(), tmp_path / "run")
+    recorder = _Recorder(stop_at=3)
+    result = train_loop(run, [*default_hooks(run, progress=False), recorder])
+    assert recorder.steps == [1, 2, 3] and recorder.finished == [3] and recorder.closed
+    assert result.stopped == "recorder" and result.steps == 3
+    # The checkpoint hook's finish saved the step the run stopped at.
+    assert run.checkpointer.latest_step() == 3
+    # Hooks only read the state: the loop's final state is the last step's.
+    assert int(result.state.step) == 3
+    assert np.isfinite(
+        float(jax.device_get(result.state.params["heads"]["genre"]["out"]["kernel"]).sum())
+    )
