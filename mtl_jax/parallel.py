@@ -111,6 +111,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
     the number of processes). Leaves already placed with that sharding are kept.
     """
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return _put_local(dict(batch), sharding)
 
     def put(x: Any) -> Any:
         if isinstance(x, jax.Array):
@@ -125,6 +127,25 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
         return jax.make_array_from_process_local_data(sharding, x[start:stop], x.shape)
 
     return jax.tree.map(put, dict(batch))
+
+
+def _put_local(batch: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
+    """One process: every host array of the batch in one batched ``device_put``.
+
+    One call for all leaves instead of one per leaf: the per-step host cost of feeding
+    the device is what bounds small steps (and accelerators) in the fit loop.
+    """
+    leaves, treedef = jax.tree.flatten(batch)
+    moving = [
+        i
+        for i, x in enumerate(leaves)
+        if (isinstance(x, np.ndarray) and x.ndim > 0)
+        or (isinstance(x, jax.Array) and x.ndim > 0 and x.sharding != sharding)
+    ]
+    placed = jax.device_put([leaves[i] for i in moving], sharding)
+    for i, x in zip(moving, placed, strict=True):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def fsdp_spec(shape: Sequence[int], n_devices: int) -> P:
