@@ -15,11 +15,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from mtl_jax.errors import UserError
+
+SKIP_EMPTY_HELP = "drop rows with empty text (counted on stderr) instead of stopping"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", help="run directory (resumes if it holds a checkpoint)")
     train.add_argument("--print-config", action="store_true", help="print the config and exit")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume although data files or settings changed (recorded in run_record.json)",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="accuracy / macro-F1 of a checkpoint on labelled files")
@@ -47,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", action="append", required=True, metavar="TASK=FILE")
     ev.add_argument("--which", choices=("latest", "best"), default="latest")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="labels and probabilities per sentence (JSON lines)")
@@ -55,21 +65,37 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-column", default="text")
     pr.add_argument("--which", choices=("latest", "best"), default="latest")
     pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
     pr.set_defaults(func=cmd_predict)
 
     em = sub.add_parser("embed", help="sentence embeddings to a .npy file")
     em.add_argument("--input", required=True, help="a .txt/.tsv/.csv/.jsonl file, or - (stdin)")
     em.add_argument("--output", required=True, help="the .npy file to write")
-    em.add_argument("--model", default="minilm", help="minilm | tiny | a BERT directory")
+    em.add_argument(
+        "--model", default="minilm", help="minilm | tiny | a BERT directory | org/name (HF cache)"
+    )
     em.add_argument("--checkpoint", help="embed with a fine-tuned run's backbone instead")
     em.add_argument("--which", choices=("latest", "best"), default="latest")
     em.add_argument("--layer", type=int, default=None, help="hidden-state index (default -2)")
     em.add_argument("--pooling", choices=("mean", "cls", "max"), default=None)
-    em.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    em.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalise each embedding (default: as the run or exported model does)",
+    )
     em.add_argument("--batch-size", type=int, default=64)
     em.add_argument("--max-length", type=int, default=None, help="tokens (default 128)")
     em.add_argument("--text-column", default="text")
+    em.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
     em.set_defaults(func=cmd_embed)
+
+    ex = sub.add_parser("export", help="a Hugging Face / sentence-transformers model directory")
+    ex.add_argument("--checkpoint", required=True, help="a run directory")
+    ex.add_argument("--output", required=True, help="the directory to write")
+    ex.add_argument("--which", default="latest", help="latest | best checkpoint")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    ex.set_defaults(func=cmd_export)
     return parser
 
 
@@ -112,11 +138,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.workdir:
         raise UserError("train: --workdir is required (the run directory)")
+    from mtl_jax import parallel
     from mtl_jax.loop import fit
     from mtl_jax.metrics_log import read_metrics
+    from mtl_jax.run_record import record_run
+    from mtl_jax.run_setup import check_workdir
+    from mtl_jax.workdir_lock import hold_workdir
 
+    parallel.maybe_initialize_distributed(config.parallel.distributed)  # a no-op in fit then
+    main = parallel.is_main_process()  # process 0's lock and record stand for the whole job
     try:
-        result = fit(config, args.workdir, progress=not args.no_progress)
+        with quiet_background_errors(args.debug), hold_workdir(args.workdir, enabled=main):
+            check_workdir(Path(args.workdir))  # before the record: a full disk writes nothing
+            changes = record_run(config, args.workdir, args.allow_changes) if main else []
+            if changes:
+                print(f"warning: resuming with changes ({'; '.join(changes)})", file=sys.stderr)
+            result = fit(config, args.workdir, progress=not args.no_progress)
     except OSError as exc:  # e.g. a full disk while writing logs or run files
         raise UserError(
             f"{exc.filename or args.workdir}: {exc.strerror or exc} during training; the last "
@@ -131,6 +168,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped == "signal":  # not done: a rerun resumes from the checkpoint just saved
         return 128 + result.signum
     return 0
+
+
+@contextlib.contextmanager
+def quiet_background_errors(debug: bool):
+    """Keep background threads' tracebacks off the terminal while training runs.
+
+    A failed write (a full disk) also fails in Orbax's and tensorboardX's writer threads,
+    which print their own tracebacks (``threading.excepthook``, asyncio's and absl's
+    loggers) before the run's one-line error. That error names the failure, so the
+    threads' copies are dropped; ``--debug`` leaves them all on.
+    """
+    if debug:
+        yield
+        return
+    hooks = threading.excepthook, sys.unraisablehook
+    loggers = {name: logging.getLogger(name) for name in ("absl", "asyncio", "tensorboardX")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
+    for logger in loggers.values():
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        threading.excepthook, sys.unraisablehook = hooks
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
 
 
 # -- eval / predict / embed ----------------------------------------------------------------
@@ -157,12 +221,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"(its tasks: {', '.join(trained.config.task_names)})"
             )
         files[task] = path
-    scores = evaluate_files(trained, files, _positive(args.batch_size, "--batch-size"))
+    batch_size = _positive(args.batch_size, "--batch-size")
+    if args.skip_empty:
+        scores = _evaluate_skipping_empty(trained, files, batch_size)
+    else:
+        scores = evaluate_files(trained, files, batch_size)
     print(json.dumps(scores))
     return 0
 
 
-def _read_texts(path: str, text_column: str) -> list[str]:
+def _evaluate_skipping_empty(trained, files: dict[str, str], batch_size: int):
+    """``evaluate_files`` reading with ``skip_empty`` (it takes no such argument yet)."""
+    from mtl_jax.data import load_task_datasets
+    from mtl_jax.inference import evaluate_dataset, make_eval_step
+
+    config = trained.config
+    tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
+    data = dataclasses.replace(config.data, eval_batch_size=batch_size)
+    config = dataclasses.replace(config, tasks=tasks, data=data)
+    dataset = load_task_datasets(config, trained.tokenizer, "dev", skip_empty=True)
+    step = make_eval_step(trained.model, config)
+    scores = evaluate_dataset(step, trained.params, dataset, config)
+    return {task: scores[task] for task in files if task in scores}
+
+
+def _read_texts(path: str, text_column: str, skip_empty: bool = False) -> list[str]:
     from mtl_jax.data import read_rows
 
     if path == "-":
@@ -171,14 +254,14 @@ def _read_texts(path: str, text_column: str) -> list[str]:
         if not texts:
             raise UserError("stdin: no sentences (one per line)")
         return texts
-    return [row.text for row in read_rows(path, text_column)]
+    return [row.text for row in read_rows(path, text_column, skip_empty=skip_empty)]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtl_jax.inference import load_trained, predict_texts
 
     trained = load_trained(args.checkpoint, args.which)
-    texts = _read_texts(args.input, args.text_column)
+    texts = _read_texts(args.input, args.text_column, args.skip_empty)
     batch_size = _positive(args.batch_size, "--batch-size")
     stats: dict[str, int] = {}
     for record in predict_texts(trained, texts, batch_size, stats):
@@ -195,7 +278,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix != ".npy":
         raise UserError(f"--output {output}: expected a .npy file name")
-    texts = _read_texts(args.input, args.text_column)
+    texts = _read_texts(args.input, args.text_column, args.skip_empty)
     if args.checkpoint:
         changed = [
             flag
@@ -207,16 +290,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 f"{' and '.join(changed)}: a checkpoint embeds with the layer and pooling it "
                 "was trained with; leave them out"
             )
-        encoder = load_trained(args.checkpoint, args.which).encoder(
-            normalize=args.normalize, max_length=args.max_length
-        )
+        trained = load_trained(args.checkpoint, args.which)
+        normalize = trained.config.model.normalize if args.normalize is None else args.normalize
+        encoder = trained.encoder(normalize=normalize, max_length=args.max_length)
     else:
+        from mtl_jax.encoder import embedding_defaults
+
+        defaults = embedding_defaults(args.model)  # an exported directory's own settings
         encoder = SentenceEncoder.load(
             args.model,
-            layer=-2 if args.layer is None else args.layer,
-            pooling=args.pooling or "mean",
-            normalize=args.normalize,
-            max_length=args.max_length or 128,
+            layer=defaults.layer if args.layer is None else args.layer,
+            pooling=args.pooling or defaults.pooling,
+            normalize=defaults.normalize if args.normalize is None else args.normalize,
+            max_length=args.max_length or defaults.max_length,
         )
     result = encoder.embed(texts, batch_size=_positive(args.batch_size, "--batch-size"))
     tmp = output.with_name(output.name + ".tmp.npy")
@@ -235,6 +321,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "truncated": result.truncated,
     }
     print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mtl_jax.export import export_run
+
+    exported = export_run(args.checkpoint, args.output, args.which, args.force)
+    summary = {
+        "output": str(exported.output),
+        "step": exported.step,
+        "which": exported.which,
+        "layers": exported.num_layers,
+        "files": len(exported.files),
+    }
+    print(json.dumps(summary))
     return 0
 
 
