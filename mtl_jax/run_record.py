@@ -223,9 +223,11 @@ def record_run(config: Config, workdir: str | Path, allow_changes: bool = False)
         if changes and not allow_changes:
             _refuse(changes, workdir / RECORD_FILE)
         current["created"] = saved.get("created", current["created"])
-        current["allowed_changes"] = list(saved.get("allowed_changes", []))
+        history = list(saved.get("allowed_changes", []))
         if changes:
-            current["allowed_changes"].append({"at": _now(), "changes": changes})
+            history.append({"at": _now(), "changes": changes})
+        if history:
+            current["allowed_changes"] = history
     path = workdir / RECORD_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(current, indent=2), encoding="utf-8")
