@@ -207,6 +207,7 @@ def run_study(
     batch_size: int = 64,
     seed: int = 0,
     l2_poolings: Sequence[str] = ("mean",),
+    grid: Sequence[float] = C_GRID,
 ) -> dict:
     """Every (layer, pooling) scored on STS-B and both probes; timings and cut counts too.
 
@@ -226,7 +227,7 @@ def run_study(
     rows = []
     for layer in layers:
         for p in poolings:
-            rows.append(_score_setting(corpora, vectors, (layer, p), seed, p in l2_poolings))
+            rows.append(_score_setting(corpora, vectors, (layer, p), seed, p in l2_poolings, grid))
             print(json.dumps(rows[-1]), flush=True)
     return {
         "rows": rows,
@@ -237,7 +238,9 @@ def run_study(
     }
 
 
-def _score_setting(corpora: dict, vectors: dict, setting: Setting, seed: int, l2: bool) -> dict:
+def _score_setting(
+    corpora: dict, vectors: dict, setting: Setting, seed: int, l2: bool, grid: Sequence[float]
+) -> dict:
     """One table row: STS-B Spearman and both probes, on raw (and L2-normalised) vectors."""
     layer, pooling = setting
     row = {
@@ -257,7 +260,7 @@ def _score_setting(corpora: dict, vectors: dict, setting: Setting, seed: int, l2
         dev_x = vectors[f"{task}_dev"][setting]
         train_y, dev_y = corpora[f"{task}_train"]["labels"], corpora[f"{task}_dev"]["labels"]
         for suffix, f in (("", np.asarray), ("_l2", _l2))[: 2 if l2 else 1]:
-            probe = linear_probe(f(train_x), train_y, f(dev_x), dev_y, metric, seed=seed)
+            probe = linear_probe(f(train_x), train_y, f(dev_x), dev_y, metric, grid, seed=seed)
             row[f"{task}{suffix}_{metric}"] = round(100 * probe[metric], 2)
             row[f"{task}{suffix}_C"] = probe["C"]
             if task == "brown":
@@ -294,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--l2-poolings", default="mean", help="poolings probed on L2-normalised vectors too"
     )
+    parser.add_argument(
+        "--c-grid", default=",".join(map(str, C_GRID)), help="probe C values tried on train"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--max-rows", type=int, help="a seeded subset of each file (quick runs)")
     parser.add_argument("--max-length", type=int, default=128)
@@ -308,14 +314,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     layers = sorted({layers_to_run(num_layers, layer) for layer in asked})
     poolings = [p.strip() for p in args.poolings.split(",") if p.strip()]
     corpora = read_corpora(args.data_dir, args.max_rows, args.seed)
+    grid = [float(c) for c in args.c_grid.split(",")]
     l2_poolings = [p.strip() for p in args.l2_poolings.split(",") if p.strip()]
-    result = run_study(corpora, encoder, layers, poolings, args.batch_size, args.seed, l2_poolings)
+    result = run_study(
+        corpora, encoder, layers, poolings, args.batch_size, args.seed, l2_poolings, grid
+    )
     result.update(
         backbone=args.backbone,
         num_layers=num_layers,
         max_length=args.max_length,
         max_rows=args.max_rows,
-        c_grid=list(C_GRID),
+        c_grid=grid,
         wall_s=round(time.perf_counter() - start, 1),
     )
     print(markdown_table(result["rows"], num_layers))
