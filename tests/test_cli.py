@@ -6,9 +6,12 @@ predict and embed then read its run directory as a user would.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,8 +22,8 @@ from sklearn.metrics import f1_score
 from mtl_jax import cli
 from mtl_jax.checkpoint import read_config
 from mtl_jax.config import apply_overrides, load_config
-from mtl_jax.metrics_log import read_metrics
 from mtl_jax.inference import SentenceEncoder, load_trained
+from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.synthetic import make_rows, write_tsv
 
@@ -244,3 +247,91 @@ def test_embed_with_a_trained_checkpoint(trained, tmp_path):
 
     code, _, err = run_cli([*argv, "--pooling", "cls"])  # a checkpoint fixes its pooling
     assert code == 2 and err.startswith("error: --pooling:")
+
+
+# -- advice that can be followed ---------------------------------------------------------------
+
+PACKAGE = Path(cli.__file__).resolve().parent
+OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z-]+)")
+CONFIG_KEY = re.compile(r"\b((?:model|data|train|parallel)\.[a-z_]+) = ")
+READER_COMMANDS = ("eval", "predict", "embed")  # every command that reads a data file
+
+
+def _error_messages() -> list[tuple[str, str]]:
+    """``(module, text)`` of every ``UserError``/``TrainingError`` raised in the package."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            if node.func.id not in ("UserError", "TrainingError"):
+                continue
+            parts = [
+                n.value
+                for arg in node.args
+                for n in ast.walk(arg)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            ]
+            found.append((path.name, "".join(parts)))
+    return found
+
+
+def _options() -> dict[str, set[str]]:
+    """Each command's option strings (the top-level ones, such as --debug, in each)."""
+    parser = cli.build_parser()
+    top = {s for a in parser._actions for s in a.option_strings}
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        name: top | {s for a in sub._actions for s in a.option_strings}
+        for name, sub in commands.choices.items()
+    }
+
+
+def test_every_option_an_error_names_exists():
+    messages = _error_messages()
+    assert len(messages) > 50  # the walk sees the package's errors
+    options = _options()
+    every = set().union(*options.values())
+    config = preset("demo").to_dict()
+    named = 0
+    for module, text in messages:
+        for option in OPTION.findall(text):
+            named += 1
+            assert option in every, f"{module}: {option!r} is no option: {text!r}"
+            if module.startswith("data") and option == "--skip-empty":  # a reader's advice
+                for command in READER_COMMANDS:
+                    assert option in options[command], f"{command} lacks {option}"
+        for key in CONFIG_KEY.findall(text):
+            named += 1
+            section, name = key.split(".")
+            assert name in config[section], f"{module}: no config key {key!r}: {text!r}"
+    assert named >= 10
+    assert {"--skip-empty", "--allow-changes"} <= every
+
+
+@pytest.mark.parametrize("command", READER_COMMANDS)
+def test_skip_empty_is_advice_that_works(command, trained, tmp_path):
+    workdir, _ = trained
+    path = tmp_path / "with_empty.tsv"
+    rows = make_rows(6, seed=5)
+    rows[2] = {**rows[2], "text": ""}
+    write_tsv(path, rows)
+    if command == "eval":
+        argv = ["eval", "--checkpoint", str(workdir), "--data", f"genre={path}"]
+    elif command == "predict":
+        argv = ["predict", "--checkpoint", str(workdir), "--input", str(path)]
+    else:
+        argv = ["embed", "--model", "tiny", "--input", str(path)]
+        argv += ["--output", str(tmp_path / "e.npy")]
+    code, _, err = run_cli(argv)
+    assert code == 2 and err.startswith(f"error: {path}:4 (column 'text'): empty text"), err
+    code, out, err = run_cli([*argv, "--skip-empty"])
+    assert code == 0, err
+    if command == "eval":
+        assert json.loads(out)["genre"]["n"] == 5
+    elif command == "predict":
+        texts = [json.loads(line)["text"] for line in out.strip().splitlines()]
+        assert texts == [row["text"] for row in rows if row["text"]]
+    else:
+        assert json.loads(err.strip().splitlines()[-1])["sentences"] == 5
+        assert np.load(tmp_path / "e.npy").shape == (5, 32)
