@@ -16,6 +16,14 @@ line follows (ours / PyTorch, > 1 = we are faster). Benchmarks report; they asse
   python scripts/benchmark.py --suite train --freeze none --steps 6
   python scripts/benchmark.py --suite train-real --compare-pytorch /tmp/ptvenv/bin/python
   python scripts/benchmark.py --suite cache --cache-rows 1024 --cache-epochs 3
+  python scripts/benchmark.py --suite train --seq-len 128 --profile 5:8   # runs/profile/train
+
+--profile START:END traces those calls of the suite's step (counted from 0: the compile
+steps first, then each round's warm-up and timed steps) with jax.profiler into
+<--profile-dir>/<suite>/plugins/profile/<run>/: an .xplane.pb for TensorBoard's profile
+plugin (tensorboard --logdir runs/profile) and a .trace.json.gz for ui.perfetto.dev.
+The last traced step waits for its result, so a profiled run is for the trace, not the
+numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +33,13 @@ import json
 import os
 import statistics
 import sys
+
+import bench  # scripts/bench, beside this script
+import jax
+
+from mtl_jax.encoder import load_backbone
+from mtl_jax.errors import UserError
+from mtl_jax.profiling import parse_profile_range
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--peak-dtype", default="float32", choices=["float32", "bfloat16"], help="the MFU's peak"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        metavar="START:END",
+        help="trace steps START..END (calls of the suite's step, from 0, compile steps first)",
+    )
+    p.add_argument("--profile-dir", default="runs/profile", help="--profile's TensorBoard logdir")
     return p.parse_args(argv)
 
 
@@ -116,20 +137,9 @@ def baseline_summary(suite: str, raw: dict) -> list[dict]:
 RATIO_KEYS = ("examples_per_s", "sentences_per_s", "real_tokens_per_s")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
-    import jax
-
-    if args.prng:
-        jax.config.update("jax_default_prng_impl", args.prng)
-
-    from mtl_jax import bench
-    from mtl_jax.encoder import load_backbone
-
-    data_dir = args.data_dir or os.environ.get("DATA_DIR") or "../shared/data"
-    opts = bench.Options(
+def make_options(args: argparse.Namespace, data_dir: str, profile: tuple[int, int] | None):
+    """The harness's :class:`bench.Options` from the command line."""
+    return bench.Options(
         backbone=args.model,
         freeze=args.freeze,
         backbone_eval=args.backbone_eval,
@@ -146,66 +156,97 @@ def main(argv=None) -> int:
         cache_epochs=args.cache_epochs,
         sync=not args.no_sync,
         seed=args.seed,
+        profile=profile,
+        profile_dir=args.profile_dir,
     )
+
+
+def run_rounds(suite, args: argparse.Namespace, data_dir: str) -> tuple[list, list]:
+    """``args.rounds`` A/B rounds of one suite: ours, then (if asked) the PyTorch script."""
+    ours_rounds, theirs_rounds = [], []
+    for rnd in range(args.rounds):
+        suite.peak = bench.matmul_gflops(args.peak_size, dtype=args.peak_dtype)  # the limit now
+        results = suite.measure()
+        for r in results:
+            emit(
+                {
+                    **r,
+                    "framework": "mtl_jax",
+                    "round": rnd,
+                    "peak_dtype": args.peak_dtype,
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "prng": str(jax.config.jax_default_prng_impl),
+                }
+            )
+        ours_rounds.append(results)
+        if args.compare_pytorch:
+            script, extra = baseline_args(suite.name, args, data_dir)
+            raw = bench.run_baseline(args.compare_pytorch, script, extra)
+            theirs = baseline_summary(suite.name, raw)
+            for r in theirs:
+                emit(
+                    {
+                        "suite": suite.name,
+                        "framework": "pytorch",
+                        "script": script,
+                        "round": rnd,
+                        "freeze": raw.get("freeze"),
+                        "peak_rss_mb": raw.get("peak_rss_mb_self"),
+                        **r,
+                    }
+                )
+            theirs_rounds.append(theirs)
+    return ours_rounds, theirs_rounds
+
+
+def emit_ratios(suite_name: str, args, ours_rounds: list, theirs_rounds: list) -> None:
+    """One line per result: ours / PyTorch of the medians over rounds."""
+    median = statistics.median
+    for i in range(len(theirs_rounds[0])):
+        line = {
+            "suite": suite_name,
+            "ratio": "mtl_jax / pytorch, median over rounds",
+            "freeze": args.freeze if suite_name != "encode" else None,
+        }
+        if "seq_len" in theirs_rounds[0][i]:
+            line["seq_len"] = theirs_rounds[0][i]["seq_len"]
+        for key in RATIO_KEYS:
+            ours = [r[i].get(key) for r in ours_rounds if i < len(r)]
+            theirs = [r[i].get(key) for r in theirs_rounds]
+            if all(ours) and all(theirs):
+                line[key] = bench.ratio(median(ours), median(theirs))
+        if suite_name == "train-real":
+            est = [r[0]["epoch_estimate"]["examples_per_s"] for r in ours_rounds]
+            theirs = [r[0]["examples_per_s"] for r in theirs_rounds]
+            line["epoch_estimate_examples_per_s"] = bench.ratio(median(est), median(theirs))
+        emit(line)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        profile = parse_profile_range(args.profile) if args.profile else None
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    if args.xla_flags:  # read when JAX's backend starts, i.e. at the first computation
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    if args.prng:
+        jax.config.update("jax_default_prng_impl", args.prng)
+    data_dir = args.data_dir or os.environ.get("DATA_DIR") or "../shared/data"
+    opts = make_options(args, data_dir, profile)
     log = bench.CompileLog()
     backbone = load_backbone(args.model)
     for suite_name in args.suite:
         suite = bench.SUITES[suite_name](opts, backbone, log, 0.0)
-        ours_rounds, theirs_rounds = [], []
-        for rnd in range(args.rounds):
-            # The limit now, for the MFU.
-            suite.peak = bench.matmul_gflops(args.peak_size, dtype=args.peak_dtype)
-            results = suite.measure()
-            for r in results:
-                emit(
-                    {
-                        **r,
-                        "framework": "mtl_jax",
-                        "round": rnd,
-                        "peak_dtype": args.peak_dtype,
-                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                        "prng": str(jax.config.jax_default_prng_impl),
-                    }
-                )
-            ours_rounds.append(results)
-            if args.compare_pytorch:
-                script, extra = baseline_args(suite_name, args, data_dir)
-                raw = bench.run_baseline(args.compare_pytorch, script, extra)
-                theirs = baseline_summary(suite_name, raw)
-                for r in theirs:
-                    emit(
-                        {
-                            "suite": suite_name,
-                            "framework": "pytorch",
-                            "script": script,
-                            "round": rnd,
-                            "freeze": raw.get("freeze"),
-                            "peak_rss_mb": raw.get("peak_rss_mb_self"),
-                            **r,
-                        }
-                    )
-                theirs_rounds.append(theirs)
+        try:
+            ours_rounds, theirs_rounds = run_rounds(suite, args, data_dir)
+        finally:
+            suite.close()  # one trace at a time: stop this suite's before the next starts
+        if suite.profiler is not None:
+            sys.stderr.write(f"profile of {suite_name}: {suite.profiler.logdir}\n")
         if args.compare_pytorch:
-            for i in range(len(theirs_rounds[0])):
-                line = {
-                    "suite": suite_name,
-                    "ratio": "mtl_jax / pytorch, median over rounds",
-                    "freeze": args.freeze if suite_name != "encode" else None,
-                }
-                if "seq_len" in theirs_rounds[0][i]:
-                    line["seq_len"] = theirs_rounds[0][i]["seq_len"]
-                for key in RATIO_KEYS:
-                    ours = [r[i].get(key) for r in ours_rounds if i < len(r)]
-                    theirs = [r[i].get(key) for r in theirs_rounds]
-                    if all(ours) and all(theirs):
-                        line[key] = bench.ratio(statistics.median(ours), statistics.median(theirs))
-                if suite_name == "train-real":
-                    est = [r[0]["epoch_estimate"]["examples_per_s"] for r in ours_rounds]
-                    theirs = [r[0]["examples_per_s"] for r in theirs_rounds]
-                    line["epoch_estimate_examples_per_s"] = bench.ratio(
-                        statistics.median(est), statistics.median(theirs)
-                    )
-                emit(line)
+            emit_ratios(suite_name, args, ours_rounds, theirs_rounds)
     return 0
 
 

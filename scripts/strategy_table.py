@@ -12,8 +12,8 @@ import time
 
 import jax
 import numpy as np
+from bench import random_batch  # scripts/bench, beside this script
 
-from mtl_jax.bench import random_batch
 from mtl_jax.config import Config, ModelConfig, TrainConfig, default_tasks
 from mtl_jax.encoder import load_backbone
 from mtl_jax.freezing import freeze_schedule, make_optimizer, param_groups

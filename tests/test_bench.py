@@ -1,4 +1,5 @@
-"""Benchmark helpers: the workload matches the PyTorch baseline's, the script runs.
+"""Benchmark harness (``scripts/bench``): the workload matches the PyTorch baseline's, the
+script runs, ``--profile`` traces the steps it names.
 
 No timing is asserted anywhere: benchmarks report, tests check.
 """
@@ -12,15 +13,18 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from mtl_jax import bench
 from mtl_jax.synthetic import make_rows
 
 from conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # the harness lives beside the scripts using it
+
+import bench  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -107,3 +111,38 @@ def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     assert result["forward_step_s"]["n"] == 3 and result["step_over_forward"] > 0
     memory = result["step_memory_mb"]
     assert memory["seq_len"] == 32 and memory["argument"] > 0 and memory["temp"] > 0
+
+
+def _traced_steps(logdir: Path, name: str) -> list[int]:
+    """Step numbers of the ``name`` annotations in the one trace under ``logdir``."""
+    (xplane,) = logdir.glob("plugins/profile/*/*.xplane.pb")
+    data = jax.profiler.ProfileData.from_file(str(xplane))
+    return sorted(
+        int(dict(event.stats)["step_num"])
+        for plane in data.planes
+        for line in plane.lines
+        for event in line.events
+        if event.name == name
+    )
+
+
+def test_benchmark_refuses_a_bad_profile_range(capsys):
+    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    assert script.main(["--model", "tiny", "--profile", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --profile '4': expected START:END")
+
+
+@pytest.mark.slow
+def test_benchmark_profile_traces_the_named_steps(tmp_path):
+    """Call 0 compiles (one sequence length), calls 1-2 are the timed steps: 1:2 traces both."""
+    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    argv = ["--model", "tiny", "--suite", "train", "--seq-len", "16", "--steps", "3"]
+    argv += ["--warmup", "1", "--batch", "4", "--peak-size", "256"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = script.main([*argv, "--profile", "1:2", "--profile-dir", str(tmp_path)])
+    assert code == 0
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["step_s"]["n"] == 3
+    assert _traced_steps(tmp_path / "train", "train") == [1, 2]
