@@ -335,3 +335,23 @@ def test_skip_empty_is_advice_that_works(command, trained, tmp_path):
     else:
         assert json.loads(err.strip().splitlines()[-1])["sentences"] == 5
         assert np.load(tmp_path / "e.npy").shape == (5, 32)
+
+
+def test_export_then_embed_from_the_exported_directory(trained, tmp_path):
+    """A trained run, exported, embeds through ``--model DIR`` as through ``--checkpoint``."""
+    workdir, summary = trained
+    out = tmp_path / "exported"
+    code, stdout, err = run_cli(["export", "--checkpoint", str(workdir), "--output", str(out)])
+    assert code == 0, err
+    assert json.loads(stdout)["step"] == summary["steps"] and json.loads(stdout)["layers"] == 2
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    vectors = {}
+    for source in (["--checkpoint", str(workdir)], ["--model", str(out)]):
+        npy = tmp_path / f"{source[0][2:]}.npy"
+        code, _, err = run_cli(["embed", *source, "--input", str(path), "--output", str(npy)])
+        assert code == 0, err
+        vectors[source[0]] = np.load(npy)
+    np.testing.assert_allclose(vectors["--model"], vectors["--checkpoint"], rtol=0, atol=1e-6)
+    code, _, err = run_cli(["export", "--checkpoint", str(workdir), "--output", str(out)])
+    assert code == 2 and err.startswith(f"error: --output {out}: exists and is not empty")
