@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume although data files or settings changed (recorded in run_record.json)",
     )
+    train.add_argument(
+        "--profile",
+        metavar="START:END",
+        help="write a JAX profiler trace of steps START..END to <workdir>/profile",
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="accuracy / macro-F1 of a checkpoint on labelled files")
@@ -141,10 +146,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtl_jax import parallel
     from mtl_jax.loop import fit
     from mtl_jax.metrics_log import read_metrics
+    from mtl_jax.profiling import parse_profile_range
     from mtl_jax.run_record import record_run
     from mtl_jax.run_setup import check_workdir
     from mtl_jax.workdir_lock import hold_workdir
 
+    profile = parse_profile_range(args.profile) if args.profile else None
     parallel.maybe_initialize_distributed(config.parallel.distributed)  # a no-op in fit then
     main = parallel.is_main_process()  # process 0's lock and record stand for the whole job
     try:
@@ -153,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             changes = record_run(config, args.workdir, args.allow_changes) if main else []
             if changes:
                 print(f"warning: resuming with changes ({'; '.join(changes)})", file=sys.stderr)
-            result = fit(config, args.workdir, progress=not args.no_progress)
+            result = fit(config, args.workdir, progress=not args.no_progress, profile=profile)
     except OSError as exc:  # e.g. a full disk while writing logs or run files
         raise UserError(
             f"{exc.filename or args.workdir}: {exc.strerror or exc} during training; the last "
@@ -322,7 +329,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary), file=sys.stderr)
     return 0
-
 
 
 # -- export --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from mtl_jax.evaluate import Scores
 from mtl_jax.hooks import EvalHook, Hook, StepInfo, StopFlag, default_hooks
 from mtl_jax.metrics_log import Window
 from mtl_jax.model import MultiTaskModel
+from mtl_jax.profiling import StepProfiler, profile_dir
 from mtl_jax.run_setup import Run, RunData, setup_run
 from mtl_jax.train import TrainState
 
@@ -49,6 +50,7 @@ def fit(
     handle_signals: bool = True,
     on_step: Callable[[int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    profile: tuple[int, int] | None = None,
 ) -> FitResult:
     """Train (or resume training) the model a config describes, in ``workdir``.
 
@@ -64,18 +66,27 @@ def fit(
         device of every process). Batches are split over it; params and optimiser state
         are replicated, or sharded with ``parallel.fsdp``. With several processes only
         process 0 logs, writes metrics and the run files; all take part in checkpoints.
+      profile: ``(start, end)``: a JAX profiler trace of steps ``start..end`` (numbered as
+        in ``metrics.jsonl``, from 1) in ``<workdir>/profile`` (see :mod:`mtl_jax.profiling`).
 
     Returns:
       The final state, the resolved config and model, the last evaluation and why it ended.
     """
     run = setup_run(config, workdir, backbone=backbone, run_data=run_data, mesh=mesh)
     hooks = default_hooks(run, progress=progress, on_step=on_step)
-    return train_loop(run, hooks, handle_signals=handle_signals)
+    return train_loop(run, hooks, handle_signals=handle_signals, profile=profile)
 
 
-def train_loop(run: Run, hooks: Sequence[Hook], *, handle_signals: bool = True) -> FitResult:
+def train_loop(
+    run: Run,
+    hooks: Sequence[Hook],
+    *,
+    handle_signals: bool = True,
+    profile: tuple[int, int] | None = None,
+) -> FitResult:
     """Apply ``run.train_step`` from ``run.start`` to ``run.n_steps``, hooks after each step."""
     signals = StopFlag(handle_signals)
+    profiler = StepProfiler(*profile, profile_dir(run.workdir)) if profile else None
     state, step, window, stopped = run.state, run.start, Window(), "done"
 
     def info() -> StepInfo:
@@ -83,14 +94,20 @@ def train_loop(run: Run, hooks: Sequence[Hook], *, handle_signals: bool = True) 
 
     with contextlib.ExitStack() as closing:
         closing.callback(signals.restore)
+        if profiler is not None:
+            closing.callback(profiler.close)
         for hook in hooks:
             closing.callback(hook.close)  # run last to first, each even if another raised
         for batch in prefetch(run.batches()):
             if step >= run.n_steps:
                 break
             examples = int((batch["index"] >= 0).sum())
+            if profiler is not None:
+                profiler.before(step + 1)
             state, metrics = run.train_step(state, run.train_batch(batch), run.train_key)
             step += 1
+            if profiler is not None:
+                profiler.after(step, metrics)
             window.add(metrics, examples)
             reasons = [reason for hook in hooks if (reason := hook(info()))]
             if signals.raised or reasons:

@@ -75,3 +75,24 @@ def test_a_hook_sees_every_step_and_can_stop_the_run(tmp_path):
     assert np.isfinite(
         float(jax.device_get(result.state.params["heads"]["genre"]["out"]["kernel"]).sum())
     )
+
+
+def test_train_profile_traces_the_named_steps(tmp_path, capsys):
+    """``mtl-jax train --profile 3:5`` leaves one trace of steps 3..5 in <workdir>/profile."""
+    from mtl_jax import cli
+
+    argv = ["train", "--preset", "demo", "--workdir", str(tmp_path / "run"), "--no-progress"]
+    argv += [arg for s in SETS for arg in ("--set", s)] + ["--profile", "3:5"]
+    assert cli.main(argv) == 0
+    (xplane,) = (tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb")
+    data = jax.profiler.ProfileData.from_file(str(xplane))
+    steps = sorted(
+        int(dict(event.stats)["step_num"])
+        for plane in data.planes
+        for line in plane.lines
+        for event in line.events
+        if event.name == "train"
+    )
+    assert steps == [3, 4, 5]
+    assert cli.main([*argv[:-1], "5:3"]) == 2
+    assert "--profile '5:3'" in capsys.readouterr().err
