@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,8 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from mtl_jax.encoder import (
+    backbone_directory,
+    hub_cache_dir,
     layers_to_run,
     load_backbone,
     minilm_dir,
@@ -296,3 +299,54 @@ def test_unreadable_safetensors_is_a_user_error(tmp_path, tiny_backbone):
 @pytest.mark.minilm
 def test_minilm_params_match_transformers_bit_for_bit(minilm_backbone):
     assert_params_identical(minilm_backbone.params, transformers_from_pt(minilm_dir()))
+
+
+# -- Hugging Face ids from the local cache ----------------------------------------------------
+
+
+def test_hub_cache_follows_the_environment_at_call_time(tmp_path, monkeypatch):
+    """HF_HUB_CACHE wins over HF_HOME, which wins over XDG_CACHE_HOME (huggingface_hub's order)."""
+    for name in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hub_cache_dir() == tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub_cache_dir() == tmp_path / "xdg" / "huggingface" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert hub_cache_dir() == tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert hub_cache_dir() == tmp_path / "cache"
+
+
+def test_hub_ids_resolve_refs_main_and_local_directories_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "cache" / "models--org--name"
+    old, new = "a" * 40, "b" * 40
+    for revision in (old, new):
+        (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new, encoding="utf-8")
+    assert backbone_directory("org/name") == repo / "snapshots" / new
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a local folder of the same name
+    assert backbone_directory("org/name") == Path("org/name")
+    assert backbone_directory(str(tmp_path / "elsewhere")) == tmp_path / "elsewhere"
+
+
+def test_an_id_not_in_the_cache_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:
+        load_backbone("sentence-transformers/all-MiniLM-L6-v2")
+    message = str(caught.value)
+    assert message.startswith("sentence-transformers/all-MiniLM-L6-v2: no such directory")
+    assert str(tmp_path / "cache" / "models--sentence-transformers--all-MiniLM-L6-v2") in message
+    assert "huggingface-cli download sentence-transformers/all-MiniLM-L6-v2" in message
+    assert "\n" not in message
+    # a ref to a snapshot that is gone is "not in the cache" too, not a crash
+    repo = tmp_path / "cache" / "models--org--gone"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c" * 40, encoding="utf-8")
+    with pytest.raises(UserError, match="org/gone: no such directory, and not in the Hugging"):
+        load_backbone("org/gone")
