@@ -33,14 +33,13 @@ import numpy as np
 
 from mtl_jax.config import Config
 from mtl_jax.errors import UserError
+from mtl_jax.trees import Params, tree_diff
 
 CONFIG_FILE = "config.json"
 BERT_CONFIG_FILE = "bert_config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
-
-Params = dict[str, Any]
 
 # Orbax logs every save at INFO; keep the user's terminal for the progress bar.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -371,35 +370,22 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
 
 def check_params_fit(params: Params, expected: Params, source: str) -> None:
     """Raise a clear error when checkpoint params do not fit the model built from config."""
-    got = _shape_tree(params)
-    want = _shape_tree(expected)
-    if got != want:
-        missing = sorted(set(_flat(want)) - set(_flat(got)))
-        extra = sorted(set(_flat(got)) - set(_flat(want)))
-        wrong = sorted(
-            k for k in set(_flat(got)) & set(_flat(want)) if _flat(got)[k] != _flat(want)[k]
-        )
-        detail = (
-            f"missing {missing[0]}"
-            if missing
-            else f"unexpected {extra[0]}"
-            if extra
-            else f"shape of {wrong[0]}"
-        )
-        raise UserError(
-            f"{source}: checkpoint params do not fit the config saved with it ({detail}); "
-            "was the run directory mixed with another run?"
-        )
+    missing, extra, wrong = tree_diff(expected, params)
+    if not (missing or extra or wrong):
+        return
+    detail = (
+        f"missing {_keystr(missing[0])}"
+        if missing
+        else f"unexpected {_keystr(extra[0])}"
+        if extra
+        else f"shape of {_keystr(wrong[0])}"
+    )
+    raise UserError(
+        f"{source}: checkpoint params do not fit the config saved with it ({detail}); "
+        "was the run directory mixed with another run?"
+    )
 
 
-def _shape_tree(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), tree)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    return {
-        jax.tree_util.keystr(path): leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: isinstance(x, tuple)
-        )[0]
-    }
+def _keystr(path: tuple[str, ...]) -> str:
+    """A path as ``jax.tree_util.keystr`` writes it (``['heads']['genre']``)."""
+    return "".join(f"[{key!r}]" for key in path)

@@ -11,21 +11,65 @@ import dataclasses
 import json
 import re
 import tomllib
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from mtl_jax.errors import UserError
+from mtl_jax.from_plain import build, parse_value, to_plain
 
 POOLINGS = ("mean", "cls", "max")
 DTYPES = ("float32", "bfloat16", "float16")
 MIXINGS = ("proportional", "temperature", "round_robin")
 DISTRIBUTED_MODES = ("auto", "on", "off")
-FREEZE_PATTERN = re.compile(r"^(none|all|backbone|gradual|head:[A-Za-z_][\w-]*|top:\d+)$")
+FREEZE_FORMS = "none | all | backbone | head:<task> | top:<k> | gradual"
 CLASS_WEIGHTINGS = ("none", "balanced")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeSpec:
+    """A parsed ``train.freeze`` string, the form every freezing decision reads.
+
+    The config file keeps the string (``"top:2"``) because that is what a person writes;
+    code reads :attr:`TrainConfig.freeze_spec` so the grammar is parsed in one place.
+    ``kind`` is one of none, all, backbone, head, top, gradual; ``head`` is set for
+    ``head:<task>`` and ``top_k`` for ``top:<k>``.
+    """
+
+    kind: str
+    head: str | None = None
+    top_k: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> FreezeSpec:
+        """The spec a ``train.freeze`` string names; UserError (naming the key) if none."""
+        kind, sep, arg = text.partition(":")
+        if not sep and kind in ("none", "all", "backbone", "gradual"):
+            return cls(kind)
+        if sep and kind == "head" and TASK_NAME_PATTERN.match(arg):
+            return cls(kind, head=arg)
+        if sep and kind == "top":
+            if not re.fullmatch(r"[0-9]+", arg):
+                raise UserError(
+                    f"config key 'train.freeze': '{text}' needs a whole number of layers >= 0, "
+                    "e.g. top:2"
+                )
+            return cls(kind, top_k=int(arg))
+        raise UserError(f"config key 'train.freeze': expected {FREEZE_FORMS}, got {text!r}")
+
+    @property
+    def trains_backbone(self) -> bool:
+        """Whether any backbone group can ever train (``top:0`` is ``backbone``)."""
+        return self.kind not in ("all", "backbone") and self.top_k != 0
+
+    def __str__(self) -> str:
+        if self.kind == "head":
+            return f"head:{self.head}"
+        return f"top:{self.top_k}" if self.kind == "top" else self.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +86,16 @@ class ModelConfig:
     remat: bool = False  # recompute encoder layers in the backward pass to save memory
 
     def validate(self) -> None:
-        _check(self.pooling in POOLINGS, "model.pooling", f"one of {POOLINGS}", self.pooling)
-        _check(self.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", self.dtype)
-        _check(self.max_length >= 2, "model.max_length", "an integer >= 2", self.max_length)
-        _check(bool(self.backbone), "model.backbone", '"minilm", "tiny" or a directory', "")
+        _check_fields(
+            self,
+            "model",
+            [
+                ("pooling", self.pooling in POOLINGS, f"one of {POOLINGS}"),
+                ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
+                ("max_length", self.max_length >= 2, "an integer >= 2"),
+                ("backbone", bool(self.backbone), '"minilm", "tiny" or a directory'),
+            ],
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,51 +123,31 @@ class TaskConfig:
         return len(self.labels)
 
     def validate(self) -> None:
-        key = f"tasks.{self.name}"
-        _check(
-            bool(TASK_NAME_PATTERN.match(self.name)),
-            "tasks.name",
-            "a name of letters, digits, '_' or '-'",
-            self.name,
-        )
-        _check(self.loss_weight >= 0, f"{key}.loss_weight", "a number >= 0", self.loss_weight)
-        _check(
-            self.class_weighting in CLASS_WEIGHTINGS,
-            f"{key}.class_weighting",
-            f"one of {CLASS_WEIGHTINGS}",
-            self.class_weighting,
-        )
-        _check(
-            all(w >= 0 for w in self.class_weights),
-            f"{key}.class_weights",
-            "numbers >= 0",
-            self.class_weights,
-        )
-        _check(
-            not self.class_weights or any(w > 0 for w in self.class_weights),
-            f"{key}.class_weights",
-            "at least one weight > 0",
-            self.class_weights,
-        )
-        _check(
-            not (self.class_weights and self.labels) or len(self.class_weights) == len(self.labels),
-            f"{key}.class_weights",
-            f"one weight per label ({len(self.labels)}: {list(self.labels)})",
-            self.class_weights,
-        )
-        _check(0 <= self.dropout < 1, f"{key}.dropout", "a number in [0, 1)", self.dropout)
-        _check(all(h > 0 for h in self.hidden), f"{key}.hidden", "positive widths", self.hidden)
-        _check(
-            len(set(self.labels)) == len(self.labels),
-            f"{key}.labels",
-            "distinct names",
-            self.labels,
-        )
-        _check(
-            len(self.labels) != 1,
-            f"{key}.labels",
-            "at least two labels (or none, to infer them)",
-            self.labels,
+        name_ok = bool(TASK_NAME_PATTERN.match(self.name))
+        _check(name_ok, "tasks.name", "a name of letters, digits, '_' or '-'", self.name)
+        weights, labels = self.class_weights, self.labels
+        _check_fields(
+            self,
+            f"tasks.{self.name}",
+            [
+                ("loss_weight", self.loss_weight >= 0, "a number >= 0"),
+                (
+                    "class_weighting",
+                    self.class_weighting in CLASS_WEIGHTINGS,
+                    f"one of {CLASS_WEIGHTINGS}",
+                ),
+                ("class_weights", all(w >= 0 for w in weights), "numbers >= 0"),
+                ("class_weights", not weights or max(weights) > 0, "at least one weight > 0"),
+                (
+                    "class_weights",
+                    not (weights and labels) or len(weights) == len(labels),
+                    f"one weight per label ({len(labels)}: {list(labels)})",
+                ),
+                ("dropout", 0 <= self.dropout < 1, "a number in [0, 1)"),
+                ("hidden", all(h > 0 for h in self.hidden), "positive widths"),
+                ("labels", len(set(labels)) == len(labels), "distinct names"),
+                ("labels", len(labels) != 1, "at least two labels (or none, to infer them)"),
+            ],
         )
 
 
@@ -133,42 +163,36 @@ class DataConfig:
     eval_batch_size: int = 64
     synthetic_train_rows: int = 0  # > 0: train on built-in synthetic rows, not task files
     synthetic_dev_rows: int = 0  # dev rows of the built-in synthetic data
+    skip_empty: bool = False  # training files: drop (and count) rows with empty text
 
     def validate(self) -> None:
-        _check(
-            self.synthetic_train_rows >= 0,
-            "data.synthetic_train_rows",
-            "an integer >= 0",
-            self.synthetic_train_rows,
+        buckets = self.length_buckets
+        positive = len(buckets) > 0 and all(b > 0 for b in buckets)
+        increasing = list(buckets) == sorted(set(buckets))
+        _check_fields(
+            self,
+            "data",
+            [
+                ("synthetic_train_rows", self.synthetic_train_rows >= 0, "an integer >= 0"),
+                ("synthetic_dev_rows", self.synthetic_dev_rows >= 0, "an integer >= 0"),
+                ("mixing", self.mixing in MIXINGS, f"one of {MIXINGS}"),
+                ("length_buckets", positive, "a non-empty list of positive lengths"),
+                ("length_buckets", increasing, "strictly increasing lengths"),
+                ("group_window", self.group_window >= 1, "an integer >= 1"),
+                ("mixing_temperature", self.mixing_temperature > 0, "a number > 0"),
+                ("eval_batch_size", self.eval_batch_size > 0, "an integer > 0"),
+            ],
         )
-        _check(
-            self.synthetic_dev_rows >= 0,
-            "data.synthetic_dev_rows",
-            "an integer >= 0",
-            self.synthetic_dev_rows,
-        )
-        _check(self.mixing in MIXINGS, "data.mixing", f"one of {MIXINGS}", self.mixing)
-        _check(
-            len(self.length_buckets) > 0 and all(b > 0 for b in self.length_buckets),
-            "data.length_buckets",
-            "a non-empty list of positive lengths",
-            self.length_buckets,
-        )
-        _check(
-            list(self.length_buckets) == sorted(set(self.length_buckets)),
-            "data.length_buckets",
-            "strictly increasing lengths",
-            self.length_buckets,
-        )
-        _check(self.group_window >= 1, "data.group_window", "an integer >= 1", self.group_window)
-        _check(
-            self.mixing_temperature > 0,
-            "data.mixing_temperature",
-            "a number > 0",
-            self.mixing_temperature,
-        )
-        _check(
-            self.eval_batch_size > 0, "data.eval_batch_size", "an integer > 0", self.eval_batch_size
+        synthetic = self.synthetic_train_rows > 0
+        _check_applies(
+            self,
+            "data",
+            [
+                ("mixing_temperature", self.mixing == "temperature", 'data.mixing = "temperature"'),
+                ("group_window", self.group_by_length, "data.group_by_length = true"),
+                ("synthetic_dev_rows", synthetic, "data.synthetic_train_rows > 0"),
+                ("skip_empty", not synthetic, "data.synthetic_train_rows = 0 (task files)"),
+            ],
         )
 
 
@@ -200,45 +224,39 @@ class TrainConfig:
     cache_features: bool = True  # frozen deterministic backbone: embed once, train heads
     seed: int = 0
 
+    @property
+    def freeze_spec(self) -> FreezeSpec:
+        """``freeze`` parsed; raises :class:`UserError` naming ``train.freeze`` if malformed."""
+        return FreezeSpec.parse(self.freeze)
+
     def validate(self) -> None:
-        _check(
-            bool(FREEZE_PATTERN.match(self.freeze)),
-            "train.freeze",
-            "none | all | backbone | head:<task> | top:<k> | gradual",
-            self.freeze,
-        )
-        _check(
-            self.unfreeze_unit in ("epochs", "steps"),
-            "train.unfreeze_unit",
-            '"epochs" or "steps"',
-            self.unfreeze_unit,
-        )
-        _check(
-            self.lr_schedule in ("constant", "linear", "cosine"),
-            "train.lr_schedule",
-            "constant | linear | cosine",
-            self.lr_schedule,
-        )
+        spec = self.freeze_spec
+        checks = [
+            ("unfreeze_unit", self.unfreeze_unit in ("epochs", "steps"), '"epochs" or "steps"'),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, " | ".join(LR_SCHEDULES)),
+        ]
         positive = ("batch_size", "unfreeze_every", "eval_every", "checkpoint_every", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            _check(value > 0, f"train.{name}", "an integer > 0", value)
+        checks += [(name, getattr(self, name) > 0, "an integer > 0") for name in positive]
         non_negative = ("epochs", "max_steps", "warmup_steps", "early_stopping_patience")
-        for name in non_negative:
-            value = getattr(self, name)
-            _check(value >= 0, f"train.{name}", "an integer >= 0", value)
-        _check(
-            self.epochs > 0 or self.max_steps > 0,
-            "train.epochs",
-            "> 0 (or set train.max_steps)",
-            self.epochs,
-        )
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
-        for name in ("learning_rate", "head_learning_rate", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            _check(value >= 0, f"train.{name}", "a number >= 0", value)
-        _check(
-            0 < self.layer_lr_decay <= 1, "train.layer_lr_decay", "in (0, 1]", self.layer_lr_decay
+        checks += [(name, getattr(self, name) >= 0, "an integer >= 0") for name in non_negative]
+        checks += [
+            ("epochs", self.epochs > 0 or self.max_steps > 0, "> 0 (or set train.max_steps)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+        ]
+        rates = ("learning_rate", "head_learning_rate", "weight_decay", "grad_clip")
+        checks += [(name, getattr(self, name) >= 0, "a number >= 0") for name in rates]
+        checks += [("layer_lr_decay", 0 < self.layer_lr_decay <= 1, "in (0, 1]")]
+        _check_fields(self, "train", checks)
+        gradual = 'train.freeze = "gradual"'
+        some_layer = "a train.freeze that trains backbone layers (not all, backbone or top:0)"
+        _check_applies(
+            self,
+            "train",
+            [
+                ("unfreeze_every", spec.kind == "gradual", gradual),
+                ("unfreeze_unit", spec.kind == "gradual", gradual),
+                ("layer_lr_decay", spec.trains_backbone, some_layer),
+            ],
         )
 
 
@@ -289,10 +307,18 @@ class Config:
         self.parallel.validate()
         for task in self.tasks:
             task.validate()
-        if self.train.freeze.startswith("head:"):
-            head = self.train.freeze.split(":", 1)[1]
-            _check(head in names, "train.freeze", f"head:<one of {names}>", self.train.freeze)
+        head = self.train.freeze_spec.head
+        _check(head in (None, *names), "train.freeze", f"head:<one of {names}>", self.train.freeze)
+        self._check_task_files()
         return self
+
+    def _check_task_files(self) -> None:
+        """Synthetic training data reads no task file: a file given anyway is refused."""
+        real = self.data.synthetic_train_rows == 0
+        needs = "data.synthetic_train_rows = 0 (synthetic rows replace every task file)"
+        for task in self.tasks:
+            rules = [(name, real, needs) for name in ("train_file", "dev_file")]
+            _check_applies(task, f"tasks.{task.name}", rules)
 
     def with_labels(self, labels: Mapping[str, Sequence[str]]) -> Config:
         """The same config with each task's label list filled in."""
@@ -305,17 +331,17 @@ class Config:
     # -- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def to_toml(self) -> str:
-        return _dict_to_toml(self.to_dict())
+        return tomli_w.dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:
-        return _build(cls, data, prefix="", source=source)
+        return build(cls, data, source=source)
 
 
 def default_tasks() -> tuple[TaskConfig, ...]:
@@ -365,7 +391,7 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
             raise UserError(f"--set {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        value = _parse_value(raw.strip())
+        value = parse_value(raw.strip())
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             if isinstance(node, list):  # the tasks list, addressed by task name
@@ -392,127 +418,29 @@ def _check(ok: bool, key: str, expected: str, got: Any) -> None:
         raise UserError(f"config key '{key}': expected {expected}, got {got!r}")
 
 
-def _parse_value(raw: str) -> Any:
-    """A --set value: JSON/TOML literal when it parses, else the bare string."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+def _check_fields(obj: Any, section: str, checks: Sequence[tuple[str, bool, str]]) -> None:
+    """The first failed ``(field, ok, expected)`` raises, naming ``section.field`` and its value."""
+    for name, ok, expected in checks:
+        _check(ok, f"{section}.{name}", expected, getattr(obj, name))
 
 
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+def _check_applies(obj: Any, section: str, rules: Sequence[tuple[str, bool, str]]) -> None:
+    """Refuse a non-default value that the rest of the config makes meaningless.
+
+    Each rule is ``(field, applies, needs)``: when ``applies`` is false and the field is
+    not at its default, the run would silently ignore it, so the message names the field,
+    the setting it ``needs`` and the two ways out.
+    """
+    for name, applies, needs in rules:
+        value, default = getattr(obj, name), getattr(type(obj), name)
+        if not applies and value != default:
+            key = f"{section}.{name}"
+            raise UserError(
+                f"config key '{key}' = {_literal(value)} would be ignored: it only applies "
+                f"with {needs}; set {needs}, or {key} back to {_literal(default)}"
+            )
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, naming the exact key on any mismatch."""
-    if not isinstance(data, Mapping):
-        raise UserError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a table")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise UserError(
-            f"{source}: unknown config key '{prefix}{unknown[0]}' "
-            f"(known keys here: {', '.join(fields)})"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if cls is Config and name == "tasks":
-            if not isinstance(value, list):
-                raise UserError(f"{source}: 'tasks' must be a list of [[tasks]] tables")
-            tasks = []
-            for i, item in enumerate(value):
-                label = item.get("name", i) if isinstance(item, Mapping) else i
-                tasks.append(_build(TaskConfig, item, f"tasks.{label}.", source))
-            kwargs[name] = tuple(tasks)
-        elif dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], value, f"{key}.", source)
-        else:
-            kwargs[name] = _coerce(value, hints[name], key, source)
-    missing = [n for n, f in fields.items() if n not in kwargs and _is_required(f)]
-    if missing:
-        raise UserError(f"{source}: missing config key '{prefix}{missing[0]}'")
-    return cls(**kwargs)
-
-
-def _is_required(field: dataclasses.Field) -> bool:
-    no_default = field.default is dataclasses.MISSING
-    return no_default and field.default_factory is dataclasses.MISSING
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-
-    def fail() -> typing.NoReturn:
-        raise UserError(f"{source}: config key '{key}' expects {_type_name(hint)}, got {value!r}")
-
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            fail()
-        (item_type, _) = typing.get_args(hint)
-        return tuple(_coerce(v, item_type, key, source) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        fail()
-    if hint is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail()
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            fail()
-        return value
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, str(hint)
-    )
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _dict_to_toml(data: Mapping[str, Any]) -> str:
-    """Our configs are two levels deep: [section] tables and the [[tasks]] array."""
-    lines: list[str] = []
-    for section, body in data.items():
-        if section == "tasks":
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    for task in data.get("tasks", []):
-        lines.append("[[tasks]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in task.items()]
-        lines.append("")
-    return "\n".join(lines)
+def _literal(value: Any) -> str:
+    """A value as written in a config file or ``--set`` (JSON and TOML agree on these)."""
+    return json.dumps(to_plain(value))

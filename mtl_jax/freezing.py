@@ -9,11 +9,11 @@ schedule into one ``optax.multi_transform`` whose labels are the groups:
 * a group that never trains gets ``optax.set_to_zero()``: no Adam moments, no weight decay;
 * a group that trains gets AdamW with its own learning rate (layer-wise decay for the
   backbone, ``head_learning_rate`` for heads and learned loss weights);
-* a group that starts later (gradual unfreezing) is held by :func:`unfreeze_gate`, whose
+* a group that starts later (gradual unfreezing) is held by :mod:`mtl_jax.gate`, whose
   state carries the step counter, so the schedule runs inside one compiled step and never
   rebuilds the optimiser (which would reset the state of groups already training).
 
-Strategies (``TrainConfig.freeze``):
+Strategies (``TrainConfig.freeze``, parsed once into a :class:`~mtl_jax.config.FreezeSpec`):
 
 * ``none``: everything trains.
 * ``all``: nothing trains (an evaluation or a dry run through the training loop).
@@ -34,15 +34,17 @@ Strategies (``TrainConfig.freeze``):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_jax.config import TrainConfig
+from mtl_jax.config import FreezeSpec, TrainConfig
 from mtl_jax.errors import UserError
+from mtl_jax.gate import GateState, hold_until, unfreeze_gate
+from mtl_jax.trees import Params
 
 Rule = tuple[str, str]
 Schedule = dict[str, int | None]
@@ -61,7 +63,6 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 _LAYER_GROUP = re.compile(rf"^{LAYER_PREFIX}(\d+)$")
-_TOP_STRATEGY = re.compile(r"^top:(.*)$")
 
 
 # -- groups ----------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def group_of(path: str, rules: Sequence[Rule] = DEFAULT_RULES) -> str:
     return match.expand(group)
 
 
-def param_groups(params: Any, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
+def param_groups(params: Params, rules: Sequence[Rule] = DEFAULT_RULES) -> Any:
     """A pytree of group names with the structure of ``params``.
 
     These are also the labels of :func:`make_optimizer`'s ``optax.multi_transform``.
@@ -147,11 +148,14 @@ def _check_known(groups: Iterable[str], strategy: str) -> None:
 # -- strategies ------------------------------------------------------------------------------
 
 
-def unfreeze_schedule(strategy: str, groups: Iterable[str], every_steps: int = 1) -> Schedule:
-    """The step at which each group starts training under a named strategy.
+def unfreeze_schedule(
+    strategy: FreezeSpec | str, groups: Iterable[str], every_steps: int = 1
+) -> Schedule:
+    """The step at which each group starts training under a freezing strategy.
 
     Args:
-        strategy: ``none | all | backbone | head:<task> | top:<k> | gradual``.
+        strategy: a :class:`FreezeSpec` (or its string, ``none | all | backbone |
+            head:<task> | top:<k> | gradual``, parsed by :meth:`FreezeSpec.parse`).
         groups: the group names present in the params.
         every_steps: for ``gradual``, steps between two unfreezings (already converted from
             epochs by the caller).
@@ -160,56 +164,44 @@ def unfreeze_schedule(strategy: str, groups: Iterable[str], every_steps: int = 1
         ``{group: step}``; ``0`` trains from the start, ``None`` never trains.
 
     Raises:
-        UserError: an unknown strategy, a bad ``k``, a ``head:<task>`` with no such head, or
-            a group the strategy cannot place.
+        UserError: a malformed strategy, a ``head:<task>`` with no such head, or a group
+            the strategy cannot place.
     """
+    spec = FreezeSpec.parse(strategy) if isinstance(strategy, str) else strategy
     groups = sorted(set(groups))
-    if strategy == "none":
+    if spec.kind == "none":
         return dict.fromkeys(groups, 0)
-    if strategy == "all":
+    if spec.kind == "all":
         return dict.fromkeys(groups, None)
-    _check_known(groups, strategy)
-    if strategy == "backbone":
+    _check_known(groups, str(spec))
+    if spec.kind == "backbone":
         return {g: 0 if _is_head_side(g) else None for g in groups}
-    if strategy.startswith(HEAD_PREFIX):
-        if strategy not in groups:
+    if spec.kind == "head":
+        frozen = HEAD_PREFIX + spec.head
+        if frozen not in groups:
             heads = [g for g in groups if g.startswith(HEAD_PREFIX)]
-            raise UserError(f"config key 'train.freeze': '{strategy}' is not one of {heads}")
-        return {g: None if g == strategy else 0 for g in groups}
-    if match := _TOP_STRATEGY.match(strategy):
-        k = _parse_top_k(match.group(1), strategy)
-        trained = set(_layers_top_down(groups)[:k])
+            raise UserError(f"config key 'train.freeze': '{spec}' is not one of {heads}")
+        return {g: None if g == frozen else 0 for g in groups}
+    if spec.kind == "top":
+        trained = set(_layers_top_down(groups)[: spec.top_k])
         return {g: 0 if _is_head_side(g) or g in trained else None for g in groups}
-    if strategy == "gradual":
-        if every_steps < 1:
-            raise ValueError(f"gradual unfreezing needs every_steps >= 1, got {every_steps}")
-        schedule: Schedule = {g: 0 for g in groups if _is_head_side(g)}
-        layers = _layers_top_down(groups)
-        for rank, group in enumerate(layers):
-            schedule[group] = (rank + 1) * every_steps
-        if EMBEDDINGS in groups:
-            schedule[EMBEDDINGS] = (len(layers) + 1) * every_steps
-        return {g: schedule[g] for g in groups}
-    raise UserError(
-        f"config key 'train.freeze': unknown strategy {strategy!r} "
-        "(none | all | backbone | head:<task> | top:<k> | gradual)"
-    )
-
-
-def _parse_top_k(text: str, strategy: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text):
-        raise UserError(
-            f"config key 'train.freeze': '{strategy}' needs a whole number of layers >= 0, "
-            "e.g. top:2"
-        )
-    return int(text)
+    if every_steps < 1:  # gradual
+        raise ValueError(f"gradual unfreezing needs every_steps >= 1, got {every_steps}")
+    schedule: Schedule = {g: 0 for g in groups if _is_head_side(g)}
+    layers = _layers_top_down(groups)
+    for rank, group in enumerate(layers):
+        schedule[group] = (rank + 1) * every_steps
+    if EMBEDDINGS in groups:
+        schedule[EMBEDDINGS] = (len(layers) + 1) * every_steps
+    return {g: schedule[g] for g in groups}
 
 
 def unfreeze_interval(train_cfg: TrainConfig, steps_per_epoch: int | None) -> int:
     """Steps between two gradual unfreezings, converting epochs with ``steps_per_epoch``."""
     if train_cfg.unfreeze_unit == "steps":
         return train_cfg.unfreeze_every
-    if train_cfg.freeze == "gradual" and (steps_per_epoch is None or steps_per_epoch < 1):
+    gradual = train_cfg.freeze_spec.kind == "gradual"
+    if gradual and (steps_per_epoch is None or steps_per_epoch < 1):
         raise ValueError(
             f"gradual unfreezing every N epochs needs steps_per_epoch >= 1, got {steps_per_epoch}"
         )
@@ -218,17 +210,18 @@ def unfreeze_interval(train_cfg: TrainConfig, steps_per_epoch: int | None) -> in
 
 def freeze_schedule(
     train_cfg: TrainConfig,
-    params: Any,
+    params: Params,
     steps_per_epoch: int | None = None,
     rules: Sequence[Rule] = DEFAULT_RULES,
 ) -> Schedule:
     """:func:`unfreeze_schedule` for a config's strategy and the groups present in ``params``."""
     names = group_names(param_groups(params, rules))
-    return unfreeze_schedule(train_cfg.freeze, names, unfreeze_interval(train_cfg, steps_per_epoch))
+    every = unfreeze_interval(train_cfg, steps_per_epoch)
+    return unfreeze_schedule(train_cfg.freeze_spec, names, every)
 
 
 def trainable_mask(
-    params: Any,
+    params: Params,
     train_cfg: TrainConfig,
     step: int,
     steps_per_epoch: int | None = None,
@@ -251,12 +244,7 @@ def backbone_trainable(train_cfg: TrainConfig) -> bool:
     The model then stops gradients at the pooled embedding, and XLA drops the backbone's
     backward pass instead of computing gradients ``set_to_zero`` would throw away.
     """
-    strategy = train_cfg.freeze
-    if strategy in ("all", "backbone"):
-        return False
-    if match := _TOP_STRATEGY.match(strategy):
-        return _parse_top_k(match.group(1), strategy) > 0
-    return True
+    return train_cfg.freeze_spec.trains_backbone
 
 
 # -- learning rates --------------------------------------------------------------------------
@@ -315,114 +303,9 @@ def lr_factor(train_cfg: TrainConfig, total_steps: int | None = None) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
 
 
-def decay_mask(params: Any) -> Any:
+def decay_mask(params: Params) -> Any:
     """Weight decay on matrices only: no decay on biases, LayerNorm scales or scalars."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-
-
-# -- the gate --------------------------------------------------------------------------------
-
-
-class GateState(NamedTuple):
-    """State of :func:`unfreeze_gate`."""
-
-    count: jax.Array  # int32: optimiser updates applied so far (the schedule's clock)
-    grad_norm: jax.Array  # float32: global norm of the trainable gradient, before clipping
-    inner_state: optax.OptState
-
-
-def _is_open(count: jax.Array, start: int | None) -> bool | jax.Array:
-    """Python constants where the answer is static, so always-open groups cost nothing."""
-    if start is None:
-        return False
-    if start <= 0:
-        return True
-    return count >= start
-
-
-def _apply_gates(tree: Any, labels: Any, gates: Mapping[str, bool | jax.Array]) -> Any:
-    """Zero the leaves of closed groups (``where``, so a NaN in a frozen group stays out)."""
-
-    def gate(x, label):
-        is_open = gates.get(label, False)
-        if is_open is True:
-            return x
-        if is_open is False:
-            return jnp.zeros_like(x)
-        return jnp.where(is_open, x, jnp.zeros_like(x))
-
-    return jax.tree.map(gate, tree, labels)
-
-
-def unfreeze_gate(
-    inner: optax.GradientTransformation,
-    labels: Any,
-    starts: Mapping[str, int | None],
-    clip_norm: float = 0.0,
-) -> optax.GradientTransformationExtraArgs:
-    """Gate each group's gradient and update by ``count >= starts[group]``.
-
-    The counter lives in the state as an array while the start steps are Python constants,
-    so unfreezing a group changes values, not the traced program: no recompilation, and the
-    state of groups already training carries on. Gated gradients are zeroed *before* the
-    global-norm clip, so frozen and not-yet-unfrozen groups never shrink the clip of the
-    trainable ones. ``inner`` receives the counter as the extra argument ``gate_count``
-    (see :func:`hold_until`).
-
-    Args:
-        inner: the per-group transformation (usually an ``optax.multi_transform``).
-        labels: group name per parameter, the structure of the params.
-        starts: step at which each group opens; ``None`` or a missing group never opens.
-        clip_norm: clip the trainable gradient to this global norm; ``0`` = off.
-
-    Returns:
-        A transformation whose state is a :class:`GateState`.
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def init(params):
-        return GateState(
-            count=jnp.zeros([], jnp.int32),
-            grad_norm=jnp.zeros([], jnp.float32),
-            inner_state=inner.init(params),
-        )
-
-    def update(grads, state, params=None, **extra_args):
-        gates = {group: _is_open(state.count, start) for group, start in starts.items()}
-        grads = _apply_gates(grads, labels, gates)
-        norm = optax.global_norm(grads)
-        if clip_norm > 0:
-            scale = jnp.where(norm < clip_norm, 1.0, clip_norm / jnp.maximum(norm, 1e-30))
-            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-        updates, inner_state = inner.update(
-            grads, state.inner_state, params, gate_count=state.count, **extra_args
-        )
-        updates = _apply_gates(updates, labels, gates)
-        count = optax.safe_int32_increment(state.count)
-        return updates, GateState(count, norm.astype(jnp.float32), inner_state)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-def hold_until(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
-    """Keep ``inner``'s state untouched (and its update zero) until ``gate_count >= start``.
-
-    Feeding zeros to Adam while a group waits would still advance its step count, and the
-    bias correction of a layer unfrozen late would then inflate its first updates many
-    times over. Holding the state instead gives the group a fresh Adam when it opens.
-    """
-    inner = optax.with_extra_args_support(inner)
-
-    def update(updates, state, params=None, *, gate_count=None, **extra_args):
-        if gate_count is None:
-            raise ValueError("hold_until must run inside unfreeze_gate (no gate_count given)")
-        new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        is_open = gate_count >= start
-        new_state = jax.tree.map(lambda n, o: jnp.where(is_open, n, o), new_state, state)
-        new_updates = jax.tree.map(lambda u: jnp.where(is_open, u, jnp.zeros_like(u)), new_updates)
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def _shifted(factor: optax.Schedule, peak: float, start: int) -> Callable[[jax.Array], jax.Array]:
@@ -462,7 +345,7 @@ def make_optimizer(
     groups = param_groups(params, rules)
     names = group_names(groups)
     starts = unfreeze_schedule(
-        train_cfg.freeze, names, unfreeze_interval(train_cfg, steps_per_epoch)
+        train_cfg.freeze_spec, names, unfreeze_interval(train_cfg, steps_per_epoch)
     )
     rates = group_learning_rates(train_cfg, names)
     trains = any(start is not None for start in starts.values())

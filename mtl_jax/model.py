@@ -7,13 +7,13 @@ token states so evaluators and probes reuse them instead of running BERT again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mtl_jax.config import Config
 from mtl_jax.encoder import (
@@ -27,8 +27,7 @@ from mtl_jax.encoder import (
 )
 from mtl_jax.errors import UserError
 from mtl_jax.heads import TaskHeads
-
-Params = dict[str, Any]
+from mtl_jax.trees import ParamPath, Params, tree_diff
 
 
 class MultiTaskModel(nn.Module):
@@ -127,27 +126,26 @@ def init_params(model: MultiTaskModel, key: jax.Array, backbone: Backbone) -> Pa
 
 def merge_pretrained(fresh: Params, pretrained: Params, prefix: str = "backbone") -> Params:
     """``pretrained`` in the structure of ``fresh``; raise on any missing, extra or resized leaf."""
-    fresh_flat = _flatten(fresh)
-    pre_flat = _flatten(pretrained)
-    missing = sorted(set(fresh_flat) - set(pre_flat))
-    extra = sorted(set(pre_flat) - set(fresh_flat))
-    resized = sorted(
-        k for k in set(fresh_flat) & set(pre_flat) if fresh_flat[k].shape != pre_flat[k].shape
-    )
+    missing, extra, resized = tree_diff(fresh, pretrained)
+    fresh_flat, pre_flat = flatten_dict(fresh), flatten_dict(pretrained)
+
+    def name(path: ParamPath) -> str:
+        return "/".join((prefix, *path))
+
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} (first: {prefix}/{missing[0]})")
+        problems.append(f"missing {len(missing)} (first: {name(missing[0])})")
     if extra:
-        problems.append(f"unexpected {len(extra)} (first: {prefix}/{extra[0]})")
+        problems.append(f"unexpected {len(extra)} (first: {name(extra[0])})")
     if resized:
         k = resized[0]
         problems.append(
-            f"shape mismatch at {prefix}/{k}: {pre_flat[k].shape} vs {fresh_flat[k].shape}"
+            f"shape mismatch at {name(k)}: {np.shape(pre_flat[k])} vs {np.shape(fresh_flat[k])}"
         )
     if problems:
         raise UserError("pretrained weights do not fit the model: " + "; ".join(problems))
     merged = {k: np.asarray(pre_flat[k], dtype=fresh_flat[k].dtype) for k in fresh_flat}
-    return _unflatten(merged)
+    return unflatten_dict(merged)
 
 
 def param_counts(params: Params) -> dict[str, int]:
@@ -161,25 +159,3 @@ def param_counts(params: Params) -> dict[str, int]:
 
 def _count(tree: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree

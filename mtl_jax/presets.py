@@ -13,7 +13,13 @@ DATA_DIR_ENV = "MTL_JAX_DATA"
 
 
 def demo() -> Config:
-    """Both tasks on built-in synthetic sentences, frozen MiniLM: a couple of minutes on CPU."""
+    """Both tasks on built-in synthetic sentences, frozen MiniLM: a couple of minutes on CPU.
+
+    Synthetic rows replace every task file, so ``--preset demo --set
+    tasks.genre.train_file=...`` is refused by :meth:`Config.validate` rather than silently
+    ignored; to train the demo's settings on files, also set ``data.synthetic_train_rows=0``
+    and ``data.synthetic_dev_rows=0``.
+    """
     return Config(
         model=ModelConfig(backbone="minilm", max_length=64, backbone_dropout=False),
         tasks=default_tasks(),

@@ -18,9 +18,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mtl_jax.errors import UserError
-
-Params = dict[str, Any]
-ParamPath = tuple[str, ...]
+from mtl_jax.trees import ParamPath, Params
 
 BASE_MODEL_PREFIX = "bert"  # BertForPreTraining & co. save the encoder under "bert."
 # mtl_jax never runs the pooler (truncate_params drops it), and some exports leave it out.

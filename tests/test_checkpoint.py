@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from mtl_jax.checkpoint import Checkpointer
+from mtl_jax.checkpoint import Checkpointer, check_params_fit
+from mtl_jax.errors import UserError
+
+FITTING = {"backbone": {"w": np.zeros(2)}, "heads": {"genre": {"w": np.zeros(3)}}}
 
 
 def test_resume_forgets_best_checkpoints_newer_than_the_resumed_step(tmp_path):
@@ -21,3 +25,21 @@ def test_resume_forgets_best_checkpoints_newer_than_the_resumed_step(tmp_path):
     rerun.save_best(20, {"w": params["w"] + 1}, {"step": 20}, score=0.7)  # no collision
     rerun.close()
     assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()) == ["20"]
+
+
+@pytest.mark.parametrize(
+    "params, detail",
+    [
+        ({"heads": {"genre": {"w": np.zeros(3)}}}, "missing ['backbone']['w']"),
+        ({**FITTING, "extra": np.zeros(1)}, "unexpected ['extra']"),
+        ({**FITTING, "heads": {"genre": {"w": np.zeros(4)}}}, "shape of ['heads']['genre']['w']"),
+    ],
+)
+def test_check_params_fit_names_the_first_misfit_path(params, detail):
+    with pytest.raises(UserError) as info:
+        check_params_fit(params, FITTING, "runs/x")
+    assert str(info.value) == (
+        f"runs/x: checkpoint params do not fit the config saved with it ({detail}); "
+        "was the run directory mixed with another run?"
+    )
+    check_params_fit(FITTING, FITTING, "runs/x")  # a fitting tree passes

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 
 import pytest
 
-from mtl_jax.config import Config, apply_overrides, load_config
+from mtl_jax.config import Config, FreezeSpec, TrainConfig, apply_overrides, load_config
 from mtl_jax.errors import UserError
 from mtl_jax.presets import demo, real
 
@@ -97,3 +98,150 @@ def test_configs_are_frozen_and_replaceable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.train.epochs = 9  # type: ignore[misc]
     assert dataclasses.replace(config.train, epochs=9).epochs == 9
+
+
+@pytest.mark.parametrize(
+    "text, spec",
+    [
+        ("none", FreezeSpec("none")),
+        ("all", FreezeSpec("all")),
+        ("backbone", FreezeSpec("backbone")),
+        ("gradual", FreezeSpec("gradual")),
+        ("head:genre", FreezeSpec("head", head="genre")),
+        ("top:0", FreezeSpec("top", top_k=0)),
+        ("top:12", FreezeSpec("top", top_k=12)),
+    ],
+)
+def test_freeze_spec_parses_every_form_and_prints_it_back(text, spec):
+    assert FreezeSpec.parse(text) == spec
+    assert TrainConfig(freeze=text).freeze_spec == spec
+    assert str(spec) == text
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("some", "expected none | all | backbone | head:<task> | top:<k> | gradual, got 'some'"),
+        ("top:x", "'top:x' needs a whole number of layers >= 0"),
+        ("top:-1", "'top:-1' needs a whole number of layers >= 0"),
+        ("head:", "got 'head:'"),
+        ("none:1", "got 'none:1'"),
+    ],
+)
+def test_bad_freeze_strings_name_the_key(text, message):
+    with pytest.raises(UserError, match="config key 'train.freeze'") as info:
+        FreezeSpec.parse(text)
+    assert message in str(info.value)
+
+
+def test_freeze_spec_says_when_the_backbone_can_train():
+    trains = {t: FreezeSpec.parse(t).trains_backbone for t in ("none", "all", "backbone")}
+    assert trains == {"none": True, "all": False, "backbone": False}
+    assert not FreezeSpec.parse("top:0").trains_backbone
+    assert FreezeSpec.parse("top:1").trains_backbone
+    assert FreezeSpec.parse("head:genre").trains_backbone
+    assert FreezeSpec.parse("gradual").trains_backbone
+
+
+def test_to_toml_is_valid_toml_of_every_key():
+    config = apply_overrides(real(), ['train.freeze="gradual"', "train.unfreeze_every=2"])
+    assert tomllib.loads(config.to_toml()) == config.to_dict()
+
+
+# -- keys the rest of the config would silently ignore ------------------------------------
+
+IGNORED = [
+    (
+        ["train.unfreeze_every=3"],
+        "config key 'train.unfreeze_every' = 3 would be ignored: it only applies with "
+        'train.freeze = "gradual"; set train.freeze = "gradual", or train.unfreeze_every '
+        "back to 1",
+    ),
+    (
+        ['train.unfreeze_unit="steps"'],
+        "config key 'train.unfreeze_unit' = \"steps\" would be ignored: it only applies with "
+        'train.freeze = "gradual"; set train.freeze = "gradual", or train.unfreeze_unit '
+        'back to "epochs"',
+    ),
+    (
+        ['tasks.genre.train_file="genre.tsv"'],
+        "config key 'tasks.genre.train_file' = \"genre.tsv\" would be ignored: it only "
+        "applies with data.synthetic_train_rows = 0 (synthetic rows replace every task "
+        "file); set data.synthetic_train_rows = 0 (synthetic rows replace every task file), "
+        'or tasks.genre.train_file back to ""',
+    ),
+    (
+        ['tasks.sentiment.dev_file="dev.tsv"'],
+        "config key 'tasks.sentiment.dev_file' = \"dev.tsv\" would be ignored: it only "
+        "applies with data.synthetic_train_rows = 0",
+    ),
+    (
+        ["data.synthetic_train_rows=0", "data.synthetic_dev_rows=100"],
+        "config key 'data.synthetic_dev_rows' = 100 would be ignored: it only applies with "
+        "data.synthetic_train_rows > 0; set data.synthetic_train_rows > 0, or "
+        "data.synthetic_dev_rows back to 0",
+    ),
+    (
+        ["data.mixing_temperature=3.0"],
+        "config key 'data.mixing_temperature' = 3.0 would be ignored: it only applies with "
+        'data.mixing = "temperature"; set data.mixing = "temperature", or '
+        "data.mixing_temperature back to 2.0",
+    ),
+    (
+        ["data.group_by_length=false", "data.group_window=8"],
+        "config key 'data.group_window' = 8 would be ignored: it only applies with "
+        "data.group_by_length = true; set data.group_by_length = true, or data.group_window "
+        "back to 64",
+    ),
+    (
+        ["data.skip_empty=true"],
+        "config key 'data.skip_empty' = true would be ignored: it only applies with "
+        "data.synthetic_train_rows = 0 (task files); set data.synthetic_train_rows = 0 "
+        "(task files), or data.skip_empty back to false",
+    ),
+    (
+        ["train.layer_lr_decay=0.5"],
+        "config key 'train.layer_lr_decay' = 0.5 would be ignored: it only applies with a "
+        "train.freeze that trains backbone layers (not all, backbone or top:0)",
+    ),
+    (
+        ['train.freeze="top:0"', "train.layer_lr_decay=0.5"],
+        "config key 'train.layer_lr_decay' = 0.5 would be ignored",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides, message", IGNORED)
+def test_a_key_the_config_would_ignore_is_refused_naming_both_keys(overrides, message):
+    config = apply_overrides(demo(), overrides)  # the demo: synthetic data, frozen backbone
+    with pytest.raises(UserError) as info:
+        config.validate()
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ['train.freeze="gradual"', "train.unfreeze_every=3", 'train.unfreeze_unit="steps"'],
+        [
+            "data.synthetic_train_rows=0",
+            "data.synthetic_dev_rows=0",
+            'tasks.genre.train_file="genre.tsv"',
+            'tasks.sentiment.dev_file="dev.tsv"',
+            "data.skip_empty=true",
+        ],
+        ['data.mixing="temperature"', "data.mixing_temperature=3.0"],
+        ["data.group_window=8"],
+        ['train.freeze="top:1"', "train.layer_lr_decay=0.5"],
+        ['train.freeze="head:genre"', "train.layer_lr_decay=0.5"],
+        ['train.freeze="none"', "train.layer_lr_decay=0.5"],
+        ["train.unfreeze_every=1", 'train.unfreeze_unit="epochs"'],  # the defaults
+    ],
+)
+def test_the_same_keys_are_accepted_where_they_apply(overrides):
+    assert apply_overrides(demo(), overrides).validate()
+
+
+def test_presets_validate_and_skip_empty_defaults_off():
+    assert demo().validate().data.skip_empty is False
+    assert real().validate().data.skip_empty is False

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from mtl_jax import freezing
-from mtl_jax.config import TrainConfig
+from mtl_jax.config import FreezeSpec, TrainConfig
 from mtl_jax.errors import UserError
 
 
@@ -182,6 +182,8 @@ def test_unfreeze_schedule_literal(strategy, expected):
     if len(expected) == 4:  # the backbone part only: heads and loss weights train from 0
         expected = {**heads, **expected}
     assert freezing.unfreeze_schedule(strategy, GROUPS, every_steps=3) == expected
+    spec = FreezeSpec.parse(strategy)  # the parsed form the config hands over
+    assert freezing.unfreeze_schedule(spec, GROUPS, every_steps=3) == expected
 
 
 def test_gradual_epochs_convert_with_steps_per_epoch():

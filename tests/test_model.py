@@ -11,6 +11,7 @@ import pytest
 from mtl_jax.config import TaskConfig
 from mtl_jax.errors import UserError
 from mtl_jax.model import build_model, init_params, merge_pretrained, param_counts
+from mtl_jax.trees import tree_diff
 
 
 def _shapes(tree):
@@ -100,3 +101,22 @@ def test_merge_pretrained_raises_on_mismatch():
         merge_pretrained(fresh, {"a": {"w": np.ones((2, 3))}})
     with pytest.raises(UserError, match="unexpected 1"):
         merge_pretrained(fresh, {"a": {"w": np.ones((2, 3)), "x": 1}, "b": np.ones(4)})
+
+
+def test_merge_pretrained_messages_name_the_first_path_and_both_shapes():
+    fresh = {"a": {"w": np.zeros((2, 3)), "v": np.zeros(2)}, "b": np.zeros(4)}
+    with pytest.raises(UserError) as info:
+        merge_pretrained(fresh, {"a": {"w": np.ones((3, 3)), "x": np.ones(1)}, "c": np.ones(1)})
+    assert str(info.value) == (
+        "pretrained weights do not fit the model: missing 2 (first: backbone/a/v); "
+        "unexpected 2 (first: backbone/a/x); shape mismatch at backbone/a/w: (3, 3) vs (2, 3)"
+    )
+    merged = merge_pretrained({"w": np.zeros(2, np.float32)}, {"w": np.ones(2, np.float64)})
+    assert merged["w"].dtype == np.float32  # the fresh tree's dtype wins
+
+
+def test_tree_diff_lists_missing_unexpected_and_resized_paths():
+    expected = {"a": {"w": np.zeros((2, 3)), "v": np.zeros(2)}, "b": np.zeros(4)}
+    got = {"a": {"w": np.zeros((3, 2)), "x": np.zeros(1)}, "b": jax.ShapeDtypeStruct((4,), "f4")}
+    assert tree_diff(expected, got) == ([("a", "v")], [("a", "x")], [("a", "w")])
+    assert tree_diff(expected, expected) == ([], [], [])
