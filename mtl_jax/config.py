@@ -15,10 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from mtl_jax.errors import UserError
-from mtl_jax.from_plain import build, parse_value, to_plain
+from mtl_jax.from_plain import build, parse_value, to_plain, to_toml
 
 POOLINGS = ("mean", "cls", "max")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -337,7 +335,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        return to_toml(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> Config:

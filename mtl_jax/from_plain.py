@@ -4,7 +4,7 @@ Config files, ``--set`` overrides and a run directory's ``config.json`` all arri
 dicts, lists and scalars. :func:`build` turns them into typed dataclasses field by field so
 an error names the key (``tasks.genre.dropout``), the type it expects and the source file;
 a general-purpose validation library would report list indices and its own type names
-instead. :func:`to_plain` goes the other way, for JSON and TOML writers.
+instead. :func:`to_plain` goes the other way, and :func:`to_toml` writes it as TOML.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from typing import Any
+
+import tomli_w
 
 from mtl_jax.errors import UserError
 
@@ -70,6 +72,35 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_plain(v) for v in value]
     return value
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """``[section]`` tables and ``[[name]]`` arrays of tables, each list on one line.
+
+    ``tomli_w`` writes every value, so strings are escaped exactly as TOML needs (a JSON
+    writer would emit surrogate pairs for non-BMP characters, which TOML rejects); the
+    layout is ours because ``tomli_w`` puts each list item on its own line, which makes a
+    printed config several times longer.
+    """
+    lines: list[str] = []
+    for name, body in data.items():  # tables first: TOML gives later keys to a [[table]]
+        if isinstance(body, Mapping):
+            lines += _toml_table(f"[{name}]", body)
+    for name, body in data.items():
+        if isinstance(body, list):
+            for item in body:
+                lines += _toml_table(f"[[{name}]]", item)
+    return "\n".join(lines)
+
+
+def _toml_table(header: str, body: Mapping[str, Any]) -> list[str]:
+    return [header, *(f"{key} = {_toml_value(value)}" for key, value in body.items()), ""]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
 def parse_value(raw: str) -> Any:

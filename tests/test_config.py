@@ -8,7 +8,14 @@ import tomllib
 
 import pytest
 
-from mtl_jax.config import Config, FreezeSpec, TrainConfig, apply_overrides, load_config
+from mtl_jax.config import (
+    Config,
+    FreezeSpec,
+    TaskConfig,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+)
 from mtl_jax.errors import UserError
 from mtl_jax.presets import demo, real
 
@@ -245,3 +252,11 @@ def test_the_same_keys_are_accepted_where_they_apply(overrides):
 def test_presets_validate_and_skip_empty_defaults_off():
     assert demo().validate().data.skip_empty is False
     assert real().validate().data.skip_empty is False
+
+
+def test_toml_round_trips_strings_a_json_writer_would_break():
+    labels = ("😀 joy", 'say "hi"', "tab\there", "del\x7f", "back\\slash")
+    config = dataclasses.replace(demo(), tasks=(TaskConfig(name="t", labels=labels),))
+    text = config.to_toml()
+    assert "length_buckets = [16, 32, 64, 128]" in text  # lists stay on one line
+    assert Config.from_dict(tomllib.loads(text)) == config
