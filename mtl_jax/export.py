@@ -35,8 +35,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.inference import Trained, load_trained
 from mtl_jax.model_card import model_card
 from mtl_jax.safetensors_bert import pytorch_name
-
-Params = dict[str, Any]
+from mtl_jax.trees import Params
 
 WHICH = ("latest", "best")
 HEADS_WEIGHTS = "heads.safetensors"

@@ -26,8 +26,7 @@ from mtl_jax.evaluate import (  # noqa: F401  (embed/predict_tokenized: public h
 )
 from mtl_jax.model import MultiTaskModel, build_model, init_params
 from mtl_jax.train import make_eval_step
-
-Params = dict[str, Any]
+from mtl_jax.trees import Params
 
 
 @dataclasses.dataclass(frozen=True)
