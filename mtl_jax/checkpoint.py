@@ -311,11 +311,6 @@ class Checkpointer:
             check_label_stamp(dict(restored.meta), self.config, source)
         return restored.params, restored.opt_state, restored.meta
 
-    def wait(self) -> None:
-        with _writing(self.workdir):
-            self._latest.wait_until_finished()
-            self._best.wait_until_finished()
-
     def close(self) -> None:
         """Wait for pending writes and release both managers, even after a failed write."""
         errors = []

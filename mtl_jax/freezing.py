@@ -220,24 +220,6 @@ def freeze_schedule(
     return unfreeze_schedule(train_cfg.freeze_spec, names, every)
 
 
-def trainable_mask(
-    params: Params,
-    train_cfg: TrainConfig,
-    step: int,
-    steps_per_epoch: int | None = None,
-    rules: Sequence[Rule] = DEFAULT_RULES,
-) -> Any:
-    """Which parameters train at optimiser step ``step``: a bool pytree shaped like ``params``.
-
-    For reporting and tests; the optimiser itself reads the same schedule through
-    :func:`make_optimizer`.
-    """
-    schedule = freeze_schedule(train_cfg, params, steps_per_epoch, rules)
-    return jax.tree.map(
-        lambda g: schedule[g] is not None and step >= schedule[g], param_groups(params, rules)
-    )
-
-
 def backbone_trainable(train_cfg: TrainConfig) -> bool:
     """False when no backbone group can ever train under the config's strategy.
 
@@ -364,11 +346,6 @@ def make_optimizer(
         transforms[group] = hold_until(tx, start) if start > 0 else tx
     inner = optax.multi_transform(transforms, groups)
     return unfreeze_gate(inner, groups, starts, clip_norm=train_cfg.grad_clip)
-
-
-def group_opt_states(opt_state: Any) -> dict[str, Any]:
-    """Per-group optimiser state of a :func:`make_optimizer` state (for inspection)."""
-    return dict(gate_state(opt_state).inner_state.inner_states)
 
 
 def find_gate_state(opt_state: Any) -> GateState | None:

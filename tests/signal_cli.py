@@ -31,6 +31,8 @@ def main() -> int:
 
     from mtl_jax import checkpoint, cli, hooks, run_setup
 
+    from probes import wait_for_writes
+
     current = [0]  # the number of the last step dispatched
     checkpointers = []
 
@@ -38,7 +40,7 @@ def main() -> int:
         if where == point and step == at:
             if where != "save":
                 for checkpointer in checkpointers:
-                    checkpointer.wait()
+                    wait_for_writes(checkpointer)
             os.kill(os.getpid(), sig)
 
     make_train_step = run_setup.make_train_step

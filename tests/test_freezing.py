@@ -19,6 +19,8 @@ from mtl_jax import freezing
 from mtl_jax.config import FreezeSpec, TrainConfig
 from mtl_jax.errors import UserError
 
+from probes import group_opt_states, trainable_mask
+
 
 def _p(*shape):
     return np.full(shape, 0.5, np.float32)
@@ -212,11 +214,11 @@ def test_trainable_mask_follows_gradual_schedule():
     cfg = train_cfg(freeze="gradual", unfreeze_every=2)
     params = make_params()
     T, F = True, False
-    assert freezing.trainable_mask(params, cfg, 0) == _labels(F, F, F, F, T, T, T)
-    assert freezing.trainable_mask(params, cfg, 1) == _labels(F, F, F, F, T, T, T)
-    assert freezing.trainable_mask(params, cfg, 2) == _labels(F, F, F, T, T, T, T)
-    assert freezing.trainable_mask(params, cfg, 5) == _labels(F, F, T, T, T, T, T)
-    assert freezing.trainable_mask(params, cfg, 8) == _labels(T, T, T, T, T, T, T)
+    assert trainable_mask(params, cfg, 0) == _labels(F, F, F, F, T, T, T)
+    assert trainable_mask(params, cfg, 1) == _labels(F, F, F, F, T, T, T)
+    assert trainable_mask(params, cfg, 2) == _labels(F, F, F, T, T, T, T)
+    assert trainable_mask(params, cfg, 5) == _labels(F, F, T, T, T, T, T)
+    assert trainable_mask(params, cfg, 8) == _labels(T, T, T, T, T, T, T)
 
 
 def test_backbone_trainable():
@@ -244,7 +246,7 @@ def test_frozen_params_bit_identical_trainable_move(strategy):
     params = make_params()
     tx = freezing.make_optimizer(cfg, params)
     history, _ = run_updates(tx, params, lambda i: random_grads(params, seed=i), 3)
-    trainable = freezing.trainable_mask(params, cfg, 0)
+    trainable = trainable_mask(params, cfg, 0)
     before, after = history[0], history[-1]
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
     assert moved == trainable
@@ -255,7 +257,7 @@ def test_no_optimizer_state_for_frozen_groups(strategy):
     cfg = train_cfg(freeze=strategy)
     params = make_params()
     state = freezing.make_optimizer(cfg, params).init(params)
-    per_group = freezing.group_opt_states(state)
+    per_group = group_opt_states(state)
     schedule = freezing.freeze_schedule(cfg, params)
     groups = freezing.param_groups(params)
     assert set(per_group) == set(GROUPS)
@@ -397,11 +399,11 @@ def test_gradual_gate_opens_on_schedule_without_retrace_or_reset():
         _, ref_state = reference_update(grads[step], ref_state, params)
         new_p = optax.apply_updates(p, updates)
         moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), p, new_p)
-        assert moved == freezing.trainable_mask(params, cfg, step), step
+        assert moved == trainable_mask(params, cfg, step), step
         p = new_p
-        per_group = freezing.group_opt_states(state)
+        per_group = group_opt_states(state)
         # Heads carry on as if nothing else had happened: moments never reset.
-        reference_head = freezing.group_opt_states(ref_state)["head:genre"]
+        reference_head = group_opt_states(ref_state)["head:genre"]
         chex.assert_trees_all_close(per_group["head:genre"], reference_head, rtol=1e-6)
         assert int(per_group["head:genre"].inner_state[0].count) == step + 1
         # A waiting layer's Adam is held at count 0; it counts from its opening step.

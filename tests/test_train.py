@@ -27,6 +27,7 @@ from mtl_jax.train import (
 )
 
 from conftest import make_fake_batch, replace_model
+from probes import group_opt_states, trainable_mask
 
 EVERY = 2  # gradual: layer_1 opens at step 2, layer_0 at 4, the embeddings at 6
 HEAD_DENSE_LAYERS = 5  # genre: dense_0, dense_1, out; sentiment: dense_0, out
@@ -115,14 +116,14 @@ def test_gradual_unfreezing_on_schedule_without_retrace_or_reset(gradual):
         before = to_numpy(state.params)
         state, metrics = step(state, batch, jax.random.key(0))
         after = to_numpy(state.params)
-        mask = freezing.trainable_mask(params, config.train, i)
+        mask = trainable_mask(params, config.train, i)
         assert_frozen_identical(before, after, mask)
         trainable = {
             g for m, g in zip(jax.tree.leaves(mask), jax.tree.leaves(groups), strict=True) if m
         }
         assert moved_groups(before, after, groups) == trainable, i
         assert bool(metrics["finite"]) and int(metrics["skipped"]) == 0
-        per_group = freezing.group_opt_states(state.opt_state)
+        per_group = group_opt_states(state.opt_state)
         # Heads train from step 0 and are never reset; a layer's Adam counts from its opening.
         assert int(per_group["head:genre"].inner_state[0].count) == i + 1
         for group, start in opens.items():
