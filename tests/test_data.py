@@ -16,6 +16,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.synthetic import FILLER, make_rows
 
 from conftest import SHARED
+from data_helpers import dataset_from_texts, padding_stats
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -236,6 +237,40 @@ def test_resolve_labels_and_unseen_dev_label(tmp_path, tiny_backbone):
         data.resolve_labels(make_config([TaskConfig(name="sentiment", train_file=str(one))]))
 
 
+def test_labels_from_files_returns_every_task_and_leaves_the_config(tmp_path):
+    train = write(tmp_path / "train.tsv", "text\tsentiment\nx\tpos\ny\tneg\nz\tpos\n")
+    config = make_config(
+        [
+            TaskConfig(name="sentiment", train_file=str(train)),
+            TaskConfig(name="fixed", labels=("pos", "neg"), label_column="sentiment"),
+        ]
+    )
+    found = data.labels_from_files(config)
+    assert found == {"sentiment": ("neg", "pos"), "fixed": ("pos", "neg")}
+    assert config.task("sentiment").labels == ()  # data handed back, the config untouched
+    assert data.resolve_labels(config) == config.with_labels(found)
+
+
+def test_class_weights_from_returns_weights_per_task(two_source, two_source_config):
+    tasks = list(two_source_config.tasks)
+    tasks[0] = dataclasses.replace(tasks[0], class_weighting="balanced")
+    config = dataclasses.replace(two_source_config, tasks=tuple(tasks))
+    weights = data.class_weights_from(config, two_source)
+    assert set(weights) == {"genre", "sentiment"} and weights["sentiment"] is None
+    counts = np.bincount(two_source.labels[:150, 0], minlength=3)
+    assert weights["genre"] == tuple(round(150 / (3 * c), 6) for c in counts)
+    assert data.resolve_class_weights(config, two_source).tasks[0].class_weights == weights["genre"]
+
+
+def test_empty_text_advice_names_the_options(tmp_path):
+    path = write(tmp_path / "e.tsv", "text\tlabel\nok\ta\n\tb\n")
+    with pytest.raises(UserError) as err:
+        data.read_rows(path, "text", ["label"])
+    assert str(err.value).endswith(
+        "(or skip such rows: --skip-empty for eval/predict/embed, data.skip_empty = true for train)"
+    )
+
+
 # -- datasets ------------------------------------------------------------------------------
 
 
@@ -310,7 +345,7 @@ def test_dataset_from_rows_and_texts(tiny_backbone, tiny_config):
     bad = [dict(rows[0]), {**rows[1], "sentiment": "meh"}]
     with pytest.raises(UserError, match=r"rows:2 \(column 'sentiment'\)"):
         data.dataset_from_rows(bad, tiny_config, tiny_backbone.tokenizer)
-    texts = data.dataset_from_texts(["a b", "c"], tiny_backbone.tokenizer, 16, ("genre",))
+    texts = dataset_from_texts(["a b", "c"], tiny_backbone.tokenizer, 16, ("genre",))
     assert texts.labels.tolist() == [[-1], [-1]] and texts.lengths.tolist() == [4, 3]
 
 
@@ -442,18 +477,18 @@ def test_resume_matches_uninterrupted_run(two_source, two_source_config, mixing)
             next(stream)
         state = json.loads(json.dumps(stream.state()))
         assert state == data.stream_state(two_source, config, k)
-        resumed = data.BatchStream.from_state(two_source, config, state, epochs=3)
+        resumed = data.BatchStream(two_source, config, state, epochs=3)
         assert [batch_key(b) for b in resumed] == reference[k:]
     assert data.stream_state(two_source, config, steps) == {"epoch": 1, "batch": 0}
     with pytest.raises(UserError, match="batches per epoch"):
-        data.BatchStream.from_state(two_source, config, {"epoch": 0, "batch": steps + 1})
+        data.BatchStream(two_source, config, {"epoch": 0, "batch": steps + 1})
 
 
 def test_grouping_by_length_reduces_padding(two_source, two_source_config):
     plain = with_data(two_source_config, group_by_length=False)
     grouped = with_data(two_source_config, group_by_length=True, group_window=4)
     share = {
-        name: data.padding_stats(data.BatchStream(two_source, cfg, epochs=1))["padding_share"]
+        name: padding_stats(data.BatchStream(two_source, cfg, epochs=1))["padding_share"]
         for name, cfg in (("plain", plain), ("grouped", grouped))
     }
     assert share["grouped"] < 0.7 * share["plain"], share
@@ -472,7 +507,7 @@ def test_inference_buckets_are_fine_and_end_at_max_length():
 
 def test_padding_stats_counts():
     mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], np.int32)
-    stats = data.padding_stats([{"attention_mask": mask}])
+    stats = padding_stats([{"attention_mask": mask}])
     assert stats == {"real_tokens": 3, "padded_tokens": 5, "padding_share": 5 / 8}
 
 
@@ -482,7 +517,7 @@ def test_padding_stats_counts():
 def test_inference_batches_restore_order(tiny_backbone):
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(FILLER, size=int(rng.integers(1, 30)))) for _ in range(45)]
-    tok = data.dataset_from_texts(texts, tiny_backbone.tokenizer, 24, ("genre",))
+    tok = dataset_from_texts(texts, tiny_backbone.tokenizer, 24, ("genre",))
     chunks, indices, lengths = [], [], []
     for idx, batch in data.inference_batches(tok, 16, (8, 16, 32), 24):
         assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] in (8, 16, 24)
