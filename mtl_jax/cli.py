@@ -183,8 +183,11 @@ def quiet_background_errors(debug: bool):
 
     A failed write (a full disk) also fails in Orbax's and tensorboardX's writer threads,
     which print their own tracebacks (``threading.excepthook``, asyncio's and absl's
-    loggers) before the run's one-line error. That error names the failure, so the
-    threads' copies are dropped; ``--debug`` leaves them all on.
+    loggers, and ``sys.excepthook`` from native callbacks, even while the process exits)
+    around the run's one-line error. That error names the failure, so the threads' copies
+    are dropped. After a clean error all stays quiet until the process ends (asyncio logs
+    its writer tasks' failures when they are garbage-collected, on the way out); after a
+    normal end or a bug everything is restored. ``--debug`` leaves everything on.
     """
     if debug:
         yield
@@ -196,12 +199,19 @@ def quiet_background_errors(debug: bool):
     sys.unraisablehook = lambda unraisable: None
     for logger in loggers.values():
         logger.setLevel(logging.CRITICAL + 1)
+    clean_error = False
     try:
         yield
+    except (UserError, OSError):
+        clean_error = True
+        raise
     finally:
-        threading.excepthook, sys.unraisablehook = hooks
-        for name, logger in loggers.items():
-            logger.setLevel(levels[name])
+        if clean_error:  # the process is ending: its threads' noise on the way out, too
+            sys.excepthook = lambda *exc: None
+        else:
+            threading.excepthook, sys.unraisablehook = hooks
+            for name, logger in loggers.items():
+                logger.setLevel(levels[name])
 
 
 # -- eval / predict / embed ----------------------------------------------------------------

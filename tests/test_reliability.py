@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_jax import cli, config, metrics_log, run_setup
+from mtl_jax import checkpoint, cli, config, metrics_log, run_setup
 from mtl_jax.errors import UserError
 from mtl_jax.synthetic import make_rows, write_tsv
 
@@ -649,3 +649,87 @@ def test_a_run_writes_only_under_its_workdir(hostile_run):
     genre = next(task for task in saved["tasks"] if task["name"] == "genre")
     assert genre["labels"] == sorted(HOSTILE_GENRES.values())
     assert genre["train_file"] == "../data/train.tsv"  # stored as given, read relative to cwd
+
+
+# -- a real full disk: only the one-line error reaches the terminal -------------------------
+
+FULL_DISK_CLI = """
+import sys
+from mtl_jax import cli, run_setup
+run_setup.MIN_FREE_BYTES = 0  # the disk is tiny on purpose
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2.6 MiB tmpfs: room for the run files and two tiny checkpoints, not a third."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(mount)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_disk_prints_one_line_and_keeps_the_last_checkpoint(tiny_disk, tmp_path):
+    run = tiny_disk / "run"
+    items = [*SETS, "data.synthetic_train_rows=256", "data.synthetic_dev_rows=64"]
+    items += ["train.checkpoint_every=4", "train.keep_checkpoints=10"]
+    argv = ["train", "--preset", "demo", *sets(*items), "--workdir", str(run), "--no-progress"]
+    with compile_cache(session_cache_dir_for(tmp_path)) as env:
+        proc = subprocess.run(
+            [sys.executable, "-c", FULL_DISK_CLI, *argv], capture_output=True, text=True, env=env
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {run}") and proc.stderr.count("\n") == 1, proc.stderr
+    # A checkpoint write or another write (logs, TensorBoard) meets the full disk first.
+    assert "No space left on device" in proc.stderr
+    assert "the last complete checkpoint is intact" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ERROR:" not in proc.stderr
+    complete = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert complete and complete[-1] < 16
+    params, meta = checkpoint.restore_params(run)  # the last complete one is intact
+    assert meta["step"] == complete[-1] and params["heads"]
+
+
+def session_cache_dir_for(tmp_path: Path) -> Path:
+    directory = tmp_path / "jax_cache"  # not on the tiny disk
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def test_background_thread_errors_are_quiet_unless_debugging(capfd, caplog, monkeypatch):
+    import logging
+    import threading
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+
+    def fail():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def noise():
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+        logging.getLogger("absl").error("writer thread failed")
+
+    hook = threading.excepthook
+    with cli.quiet_background_errors(debug=False):
+        noise()
+    assert seen == [] and capfd.readouterr().err == "" and caplog.messages == []
+    assert threading.excepthook is hook  # restored after a normal end
+    with cli.quiet_background_errors(debug=True):
+        noise()
+    assert [str(e) for e in seen] == ["[Errno 28] No space left on device"]
+    assert caplog.messages == ["writer thread failed"]
+
+    excepthook = sys.excepthook
+    monkeypatch.setattr(sys, "excepthook", excepthook)  # put back after the test
+    with pytest.raises(UserError), cli.quiet_background_errors(debug=False):
+        raise UserError("disk full")  # a clean error: quiet until the process ends
+    assert threading.excepthook is not hook and sys.excepthook is not excepthook
