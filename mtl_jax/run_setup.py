@@ -50,7 +50,12 @@ class RunData:
 
 
 def load_run_data(config: Config, tokenizer: Any) -> RunData:
-    """Resolve labels and class weights; read (or generate) the train and dev sets."""
+    """Resolve labels and class weights; read (or generate) the train and dev sets.
+
+    The data layer returns the labels (from the train files) and the class weights (from
+    the train labels) as plain data; the config that records them is made here.
+    ``data.skip_empty`` drops rows with an empty text instead of refusing the file.
+    """
     if config.data.synthetic_train_rows > 0:
         _check_synthetic_tasks(config)
         train = data_lib.dataset_from_rows(
@@ -60,13 +65,24 @@ def load_run_data(config: Config, tokenizer: Any) -> RunData:
         if config.data.synthetic_dev_rows > 0:
             rows = make_rows(config.data.synthetic_dev_rows, seed=2)
             dev = data_lib.dataset_from_rows(rows, config, tokenizer, "synthetic-dev")
-        return RunData(data_lib.resolve_class_weights(config, train), train, dev)
-    config = data_lib.resolve_labels(config)
-    train = data_lib.load_task_datasets(config, tokenizer, "train")
+        return RunData(with_class_weights(config, train), train, dev)
+    skip_empty = config.data.skip_empty
+    config = config.with_labels(data_lib.labels_from_files(config, skip_empty))
+    train = data_lib.load_task_datasets(config, tokenizer, "train", skip_empty)
     dev = None
     if any(t.dev_file for t in config.tasks):
-        dev = data_lib.load_task_datasets(config, tokenizer, "dev")
-    return RunData(data_lib.resolve_class_weights(config, train), train, dev)
+        dev = data_lib.load_task_datasets(config, tokenizer, "dev", skip_empty)
+    return RunData(with_class_weights(config, train), train, dev)
+
+
+def with_class_weights(config: Config, train: data_lib.Dataset) -> Config:
+    """The config recording the class weights each task trains with (balanced -> explicit)."""
+    weights = data_lib.class_weights_from(config, train)
+    tasks = tuple(
+        t if weights[t.name] is None else dataclasses.replace(t, class_weights=weights[t.name])
+        for t in config.tasks
+    )
+    return dataclasses.replace(config, tasks=tasks)
 
 
 def _check_synthetic_tasks(config: Config) -> None:

@@ -7,7 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from mtl_jax.config import Config
 from mtl_jax.data.dataset import Dataset, build_dataset
+from mtl_jax.data.labels import labels_from_files
+from mtl_jax.run_setup import with_class_weights
 
 
 def dataset_from_texts(
@@ -43,3 +46,13 @@ def padding_stats(batches: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         "padded_tokens": padded,
         "padding_share": padded / total if total else 0.0,
     }
+
+
+def resolve_labels(config: Config, skip_empty: bool = False) -> Config:
+    """``config`` with each task's empty ``labels`` filled in from its train file."""
+    return config.with_labels(labels_from_files(config, skip_empty))
+
+
+def resolve_class_weights(config: Config, train: Dataset) -> Config:
+    """``config`` recording each task's class weights, as a run resolves them."""
+    return with_class_weights(config, train)

@@ -16,7 +16,12 @@ from mtl_jax.errors import UserError
 from mtl_jax.synthetic import FILLER, make_rows
 
 from conftest import SHARED
-from data_helpers import dataset_from_texts, padding_stats
+from data_helpers import (
+    dataset_from_texts,
+    padding_stats,
+    resolve_class_weights,
+    resolve_labels,
+)
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -227,14 +232,14 @@ def test_resolve_labels_and_unseen_dev_label(tmp_path, tiny_backbone):
             ),
         ]
     )
-    resolved = data.resolve_labels(config)
+    resolved = resolve_labels(config)
     assert resolved.task("sentiment").labels == ("neg", "pos")
     assert resolved.task("fixed").labels == ("pos", "neg")  # given labels keep their order
     with pytest.raises(UserError, match=r"dev\.tsv:3 \(column 'sentiment'\): unknown label"):
         data.load_task_datasets(resolved, tiny_backbone.tokenizer, split="dev")
     one = write(tmp_path / "one.tsv", "text\tsentiment\nx\tpos\n")
     with pytest.raises(UserError, match="at least two"):
-        data.resolve_labels(make_config([TaskConfig(name="sentiment", train_file=str(one))]))
+        resolve_labels(make_config([TaskConfig(name="sentiment", train_file=str(one))]))
 
 
 def test_labels_from_files_returns_every_task_and_leaves_the_config(tmp_path):
@@ -248,7 +253,7 @@ def test_labels_from_files_returns_every_task_and_leaves_the_config(tmp_path):
     found = data.labels_from_files(config)
     assert found == {"sentiment": ("neg", "pos"), "fixed": ("pos", "neg")}
     assert config.task("sentiment").labels == ()  # data handed back, the config untouched
-    assert data.resolve_labels(config) == config.with_labels(found)
+    assert resolve_labels(config) == config.with_labels(found)
 
 
 def test_class_weights_from_returns_weights_per_task(two_source, two_source_config):
@@ -259,7 +264,7 @@ def test_class_weights_from_returns_weights_per_task(two_source, two_source_conf
     assert set(weights) == {"genre", "sentiment"} and weights["sentiment"] is None
     counts = np.bincount(two_source.labels[:150, 0], minlength=3)
     assert weights["genre"] == tuple(round(150 / (3 * c), 6) for c in counts)
-    assert data.resolve_class_weights(config, two_source).tasks[0].class_weights == weights["genre"]
+    assert resolve_class_weights(config, two_source).tasks[0].class_weights == weights["genre"]
 
 
 def test_empty_text_advice_names_the_options(tmp_path):
@@ -280,7 +285,7 @@ def test_shared_file_rows_carry_several_labels(tmp_path, tiny_backbone):
         "text\tgenre\tsentiment\nthe robot\tscience_fiction\tpositive\n"
         "a clown\thumor\t\nthe kiss\tromance\tnegative\n",
     )
-    config = data.resolve_labels(
+    config = resolve_labels(
         make_config(
             [
                 TaskConfig(name="genre", train_file=str(path)),
@@ -300,7 +305,7 @@ def test_balanced_class_weights_equal_sklearn(two_source, two_source_config):
     balanced = [dataclasses.replace(t, class_weighting="balanced") for t in two_source_config.tasks]
     explicit = (0.5, 2.0)  # given in the config: kept as they are
     balanced[1] = dataclasses.replace(balanced[1], class_weights=explicit)
-    config = data.resolve_class_weights(
+    config = resolve_class_weights(
         dataclasses.replace(two_source_config, tasks=tuple(balanced)), two_source
     )
     genre = two_source.labels[:, 0]
@@ -310,7 +315,7 @@ def test_balanced_class_weights_equal_sklearn(two_source, two_source_config):
     assert config.tasks[1].class_weights == explicit
     config.validate()
     # No weighting asked for: the config is left alone.
-    assert data.resolve_class_weights(two_source_config, two_source) == two_source_config
+    assert resolve_class_weights(two_source_config, two_source) == two_source_config
 
 
 def test_separate_files_mask_other_task(two_source, two_source_config):
@@ -570,7 +575,7 @@ def test_real_shared_data(tiny_backbone):
             dev_file=str(root / "sst2" / "dev.tsv"),
         ),
     ]
-    config = data.resolve_labels(make_config(tasks, batch_size=32, max_length=64))
+    config = resolve_labels(make_config(tasks, batch_size=32, max_length=64))
     assert config.task("genre").labels == (
         "adventure",
         "humor",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -96,3 +98,28 @@ def test_train_profile_traces_the_named_steps(tmp_path, capsys):
     assert steps == [3, 4, 5]
     assert cli.main([*argv[:-1], "5:3"]) == 2
     assert "--profile '5:3'" in capsys.readouterr().err
+
+
+def test_data_skip_empty_drops_empty_training_rows(tmp_path, tiny_backbone):
+    """``data.skip_empty = true`` is the train-side fix the empty-text error names."""
+    import pytest
+
+    from mtl_jax.errors import UserError
+    from mtl_jax.run_setup import load_run_data
+
+    train = tmp_path / "train.tsv"
+    train.write_text("text\tsentiment\ngood film\tpositive\n\tnegative\nbad film\tnegative\n")
+    base = [
+        'model.backbone="tiny"',
+        "data.synthetic_train_rows=0",
+        "data.synthetic_dev_rows=0",
+        f'tasks.sentiment.train_file="{train}"',
+    ]
+    config = apply_overrides(preset("demo"), base)
+    config = dataclasses.replace(config, tasks=(config.task("sentiment"),))
+    with pytest.raises(UserError, match="data.skip_empty = true"):
+        load_run_data(config, tiny_backbone.tokenizer)
+    config = apply_overrides(config, ["data.skip_empty=true"])
+    run_data = load_run_data(config, tiny_backbone.tokenizer)
+    assert len(run_data.train) == 2
+    assert run_data.config.task("sentiment").labels == ("negative", "positive")

@@ -2,7 +2,7 @@
 
 Pipeline: :mod:`~mtl_jax.data.readers` (``read_rows``: file -> rows, every bad input a
 :class:`UserError` naming file, line and column) -> :mod:`~mtl_jax.data.labels`
-(``resolve_labels`` / ``encode_labels``: names -> ids; class weights) ->
+(``labels_from_files`` / ``encode_labels``: names -> ids; class weights) ->
 :mod:`~mtl_jax.data.dataset` (a :class:`Dataset`, tokenised once, numpy only) ->
 :mod:`~mtl_jax.data.sampling` (``epoch_batches``: row indices per batch, a pure function
 of seed and epoch; ``BatchStream``, a resumable iterator) ->
@@ -44,8 +44,6 @@ from mtl_jax.data.labels import (
     encode_labels,
     infer_labels,
     labels_from_files,
-    resolve_class_weights,
-    resolve_labels,
 )
 from mtl_jax.data.prefetch import prefetch
 from mtl_jax.data.readers import FORMATS, Row, read_rows
@@ -71,8 +69,6 @@ __all__ = [
     "make_batch",
     "prefetch",
     "read_rows",
-    "resolve_class_weights",
-    "resolve_labels",
     "restore_order",
     "steps_per_epoch",
     "stream_state",

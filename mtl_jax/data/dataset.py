@@ -85,7 +85,7 @@ def load_task_datasets(
 
     Each distinct file is read once and is one source. When a task has its own file, its
     rows get ``-1`` for every other task; when several tasks name the same file, a row
-    carries all their labels. Labels must be resolved first (:func:`resolve_labels`), so
+    carries all their labels. Labels must be resolved first (``config.with_labels(labels_from_files(config))``), so
     the ids match the model's heads.
 
     Args:
@@ -107,7 +107,9 @@ def load_task_datasets(
         raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
     unresolved = [t.name for t in config.tasks if not t.labels]
     if unresolved:
-        raise ValueError(f"tasks {unresolved} have no labels; call resolve_labels(config) first")
+        raise ValueError(
+            f"tasks {unresolved} have no labels; call config.with_labels(labels_from_files(config)) first"
+        )
     task_names = config.task_names
     texts, lines, sources, blocks, names = [], [], [], [], []
     for s, (path, text_column, tasks) in enumerate(_split_files(config, split)):
@@ -191,7 +193,9 @@ def dataset_from_rows(
     """
     unresolved = [t.name for t in config.tasks if not t.labels]
     if unresolved:
-        raise ValueError(f"tasks {unresolved} have no labels; set them or resolve_labels first")
+        raise ValueError(
+            f"tasks {unresolved} have no labels; set them or resolve them from the train files first"
+        )
     text_column = config.tasks[0].text_column if config.tasks else "text"
     parsed = []
     for i, row in enumerate(rows, start=1):

@@ -3,13 +3,12 @@
 A name's id is its position in the task's label tuple, so the order (sorted when inferred)
 is what train and dev files and a restored checkpoint must agree on. The data-returning
 functions (:func:`labels_from_files`, :func:`class_weights_from`) hand back plain values
-for the caller to put into its config; :func:`resolve_labels` and
-:func:`resolve_class_weights` are the older config-returning wrappers over them.
+for the caller to put into its config (``Config.with_labels``,
+:func:`mtl_jax.run_setup.with_class_weights`): data never hands configs back up.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -143,22 +142,3 @@ def class_weights_from(config: Config, train: Labelled) -> dict[str, tuple[float
         else:
             weights[task.name] = None
     return weights
-
-
-def resolve_labels(config: Config, skip_empty: bool = False) -> Config:
-    """``config`` with each task's empty ``labels`` filled in (:func:`labels_from_files`).
-
-    Raises:
-      UserError: a task without labels has no ``train_file`` or fewer than two labels.
-    """
-    return config.with_labels(labels_from_files(config, skip_empty))
-
-
-def resolve_class_weights(config: Config, train: Labelled) -> Config:
-    """``config`` with the weights of each balanced task filled in (:func:`class_weights_from`)."""
-    weights = class_weights_from(config, train)
-    tasks = tuple(
-        t if weights[t.name] is None else dataclasses.replace(t, class_weights=weights[t.name])
-        for t in config.tasks
-    )
-    return dataclasses.replace(config, tasks=tasks)

@@ -182,5 +182,5 @@ def matmul_gflops(n: int = 2048, reps: int = 8, dtype: str = "float32") -> float
 
 def load_real_train(config: Config, tokenizer: Any) -> tuple[Config, data_lib.Dataset]:
     """The real preset's training rows, tokenised once (labels resolved as the fit loop does)."""
-    config = data_lib.resolve_labels(config)
+    config = config.with_labels(data_lib.labels_from_files(config))
     return config, data_lib.load_task_datasets(config, tokenizer, "train")
