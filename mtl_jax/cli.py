@@ -239,27 +239,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         files[task] = path
     batch_size = _positive(args.batch_size, "--batch-size")
-    if args.skip_empty:
-        scores = _evaluate_skipping_empty(trained, files, batch_size)
-    else:
-        scores = evaluate_files(trained, files, batch_size)
+    scores = evaluate_files(trained, files, batch_size, skip_empty=args.skip_empty)
     print(json.dumps(scores))
     return 0
-
-
-def _evaluate_skipping_empty(trained, files: dict[str, str], batch_size: int):
-    """``evaluate_files`` reading with ``skip_empty`` (it takes no such argument yet)."""
-    from mtl_jax.data import load_task_datasets
-    from mtl_jax.inference import evaluate_dataset, make_eval_step
-
-    config = trained.config
-    tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
-    data = dataclasses.replace(config.data, eval_batch_size=batch_size)
-    config = dataclasses.replace(config, tasks=tasks, data=data)
-    dataset = load_task_datasets(config, trained.tokenizer, "dev", skip_empty=True)
-    step = make_eval_step(trained.model, config)
-    scores = evaluate_dataset(step, trained.params, dataset, config)
-    return {task: scores[task] for task in files if task in scores}
 
 
 def _read_texts(path: str, text_column: str, skip_empty: bool = False) -> list[str]:

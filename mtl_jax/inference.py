@@ -170,8 +170,13 @@ def predict_texts(
     return records
 
 
-def evaluate_files(trained: Trained, files: dict[str, str], batch_size: int = 64) -> Scores:
-    """Scores per task on labelled files ``{task: path}``, with the checkpoint's label maps."""
+def evaluate_files(
+    trained: Trained, files: dict[str, str], batch_size: int = 64, skip_empty: bool = False
+) -> Scores:
+    """Scores per task on labelled files ``{task: path}``, with the checkpoint's label maps.
+
+    ``skip_empty`` drops rows with an empty text instead of refusing the file.
+    """
     config = trained.config
     tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
     config = dataclasses.replace(
@@ -179,7 +184,7 @@ def evaluate_files(trained: Trained, files: dict[str, str], batch_size: int = 64
         tasks=tasks,
         data=dataclasses.replace(config.data, eval_batch_size=batch_size),
     )
-    dataset = load_task_datasets(config, trained.tokenizer, "dev")
+    dataset = load_task_datasets(config, trained.tokenizer, "dev", skip_empty)
     scores = evaluate_dataset(
         make_eval_step(trained.model, config), trained.params, dataset, config
     )

@@ -49,7 +49,8 @@ class Window:
                 raise TrainingError(
                     f"non-finite loss or gradient at step {first_step + offset} "
                     f"(loss {float(loss)}); the last checkpoint is intact. Lower the "
-                    "learning rate, or set train.skip_nonfinite = true to skip such batches"
+                    "learning rate (rerun with --allow-changes to resume with it), or set "
+                    "train.skip_nonfinite = true to skip such batches"
                 )
 
     def flush(self, step: int) -> dict[str, Any]:
