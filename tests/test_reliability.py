@@ -702,7 +702,7 @@ def session_cache_dir_for(tmp_path: Path) -> Path:
     return directory
 
 
-def test_background_thread_errors_are_quiet_unless_debugging(capfd, caplog, monkeypatch):
+def test_background_thread_errors_are_quiet_unless_debugging(capfd, caplog, monkeypatch, request):
     import logging
     import threading
 
@@ -710,7 +710,13 @@ def test_background_thread_errors_are_quiet_unless_debugging(capfd, caplog, monk
     monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
     # An earlier clean error in this process left the loggers quiet (as a CLI process would
     # be until its end); start from checkpoint.py's level.
-    monkeypatch.setattr(logging.getLogger("absl"), "level", logging.WARNING)
+    absl = logging.getLogger("absl")
+    monkeypatch.setattr(absl, "level", logging.WARNING)
+    # absl/orbax may have set the logger up earlier in this process: capture it directly.
+    monkeypatch.setattr(absl, "disabled", False)
+    monkeypatch.setattr(absl, "propagate", False)
+    absl.addHandler(caplog.handler)
+    request.addfinalizer(lambda: absl.removeHandler(caplog.handler))
 
     def fail():
         raise OSError(errno.ENOSPC, "No space left on device")
