@@ -158,6 +158,21 @@ def test_a_concurrent_train_is_refused_and_a_killed_one_resumes(env, tmp_path):
         assert refused_in < 60  # before any data, model or compile work
         assert first.poll() is None  # the running one goes on
         assert read_holder(run)["pid"] == first.pid
+        # Reading commands take no lock: they use the newest complete checkpoint meanwhile.
+        texts = tmp_path / "texts.txt"
+        texts.write_text("a quiet night in town\nthe rocket left orbit\n", encoding="utf-8")
+        predicted = subprocess.run(
+            [sys.executable, "-m", "mtl_jax.cli", "predict", "--checkpoint", str(run)]
+            + ["--input", str(texts)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert predicted.returncode == 0, predicted.stderr
+        records = [json.loads(line) for line in predicted.stdout.splitlines()]
+        assert [r["text"] for r in records] == ["a quiet night in town", "the rocket left orbit"]
+        assert first.poll() is None and read_holder(run)["pid"] == first.pid
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     finally:
