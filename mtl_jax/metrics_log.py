@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.errors import UserError
@@ -42,43 +43,57 @@ class Window:
 
     def check_finite(self, step: int) -> None:
         """Raise on the first non-finite step not skipped (a small read-back)."""
-        flags = jax.device_get([(m["finite"], m["skipped"], m["loss"]) for m in self.items])
-        first_step = step - len(flags) + 1
-        for offset, (finite, skipped, loss) in enumerate(flags):
-            if not bool(finite) and not int(skipped):
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {first_step + offset} "
-                    f"(loss {float(loss)}); the last checkpoint is intact. Lower the "
-                    "learning rate (rerun with --allow-changes to resume with it), or set "
-                    "train.skip_nonfinite = true to skip such batches"
-                )
+        if self.items:
+            flags = ("finite", "skipped", "loss")
+            _raise_on_nonfinite(jax.device_get(_stacked(self.items, flags)), step)
 
     def flush(self, step: int) -> dict[str, Any]:
         """Mean loss, per-task loss and accuracy, examples/s since the last flush."""
         if not self.items:
             return {"loss": None, "tasks": {}, "examples_per_s": 0.0}
-        self.check_finite(step)
-        host = jax.device_get(self.items)
-        skipped = int(sum(int(m["skipped"]) for m in host))
+        # One stacked array per metric, read back in one transfer (not one per step).
+        host = jax.device_get(_stacked(self.items, ("finite", "skipped", "loss", "tasks")))
+        _raise_on_nonfinite(host, step)
+        skipped = np.asarray(host["skipped"]).astype(np.int64)
         # Batches train.skip_nonfinite threw away have no meaningful loss: leave them out.
-        host = [m for m in host if not int(m["skipped"])] or host
+        keep = skipped == 0 if (skipped == 0).any() else np.ones_like(skipped, bool)
         elapsed = time.perf_counter() - self.started
         tasks = {}
-        for name in sorted({t for m in host for t in m["tasks"]}):
-            count = sum(int(m["tasks"][name]["count"]) for m in host)
-            correct = sum(int(m["tasks"][name]["correct"]) for m in host)
+        for name in sorted(host["tasks"]):
+            metrics = host["tasks"][name]
+            count = int(np.asarray(metrics["count"])[keep].sum())
+            correct = int(np.asarray(metrics["correct"])[keep].sum())
             tasks[name] = {
-                "loss": float(np.mean([m["tasks"][name]["loss"] for m in host])),
+                "loss": float(np.mean(np.asarray(metrics["loss"])[keep])),
                 "accuracy": correct / count if count else float("nan"),
             }
         summary = {
-            "loss": float(np.mean([m["loss"] for m in host])),
+            "loss": float(np.mean(np.asarray(host["loss"])[keep])),
             "tasks": tasks,
             "examples_per_s": self.examples / max(elapsed, 1e-9),
-            "skipped": skipped,
+            "skipped": int(skipped.sum()),
         }
         self.items, self.examples, self.started = [], 0, time.perf_counter()
         return summary
+
+
+def _stacked(items: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``{key: [n, ...]}``: the steps' metrics stacked on device, leaf by leaf."""
+    picked = [{k: m[k] for k in keys} for m in items]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *picked)
+
+
+def _raise_on_nonfinite(host: dict[str, Any], step: int) -> None:
+    """TrainingError naming the first non-finite step of a window that was not skipped."""
+    finite, skipped = np.asarray(host["finite"]), np.asarray(host["skipped"])
+    first_step = step - len(finite) + 1
+    for offset in np.flatnonzero(~finite.astype(bool) & (skipped == 0))[:1]:
+        raise TrainingError(
+            f"non-finite loss or gradient at step {first_step + int(offset)} "
+            f"(loss {float(np.asarray(host['loss'])[offset])}); the last checkpoint is intact. "
+            "Lower the learning rate (rerun with --allow-changes to resume with it), or set "
+            "train.skip_nonfinite = true to skip such batches"
+        )
 
 
 class MetricsLogger:
