@@ -109,7 +109,8 @@ def train_loop(
             if profiler is not None:
                 profiler.after(step, metrics)
             window.add(metrics, examples)
-            reasons = [reason for hook in hooks if (reason := hook(info()))]
+            step_info = info()  # one view of this step for every hook
+            reasons = [reason for hook in hooks if (reason := hook(step_info))]
             if signals.raised or reasons:
                 stopped = "signal" if signals.raised else reasons[0]
                 break

@@ -4,6 +4,7 @@ waiting for a checkpointer's pending writes."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,3 +38,17 @@ def wait_for_writes(checkpointer: Checkpointer) -> None:
     """Block until both of a checkpointer's managers finished their pending writes."""
     checkpointer._latest.wait_until_finished()
     checkpointer._best.wait_until_finished()
+
+
+def traced_steps(logdir: Path, name: str = "train") -> list[int]:
+    """Step numbers of the ``name`` annotations in the one trace under ``logdir``, read as
+    TensorBoard's profile plugin reads them."""
+    (xplane,) = Path(logdir).glob("plugins/profile/*/*.xplane.pb")
+    data = jax.profiler.ProfileData.from_file(str(xplane))
+    return sorted(
+        int(dict(event.stats)["step_num"])
+        for plane in data.planes
+        for line in plane.lines
+        for event in line.events
+        if event.name == name
+    )

@@ -13,13 +13,13 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from mtl_jax.synthetic import make_rows
 
 from conftest import SHARED
+from probes import traced_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # the harness lives beside the scripts using it
@@ -113,19 +113,6 @@ def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     assert memory["seq_len"] == 32 and memory["argument"] > 0 and memory["temp"] > 0
 
 
-def _traced_steps(logdir: Path, name: str) -> list[int]:
-    """Step numbers of the ``name`` annotations in the one trace under ``logdir``."""
-    (xplane,) = logdir.glob("plugins/profile/*/*.xplane.pb")
-    data = jax.profiler.ProfileData.from_file(str(xplane))
-    return sorted(
-        int(dict(event.stats)["step_num"])
-        for plane in data.planes
-        for line in plane.lines
-        for event in line.events
-        if event.name == name
-    )
-
-
 def test_benchmark_refuses_a_bad_profile_range(capsys):
     script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
     assert script.main(["--model", "tiny", "--profile", "4"]) == 2
@@ -145,4 +132,4 @@ def test_benchmark_profile_traces_the_named_steps(tmp_path):
     assert code == 0
     (line,) = out.getvalue().splitlines()
     assert json.loads(line)["step_s"]["n"] == 3
-    assert _traced_steps(tmp_path / "train", "train") == [1, 2]
+    assert traced_steps(tmp_path / "train", "train") == [1, 2]

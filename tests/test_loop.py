@@ -14,6 +14,8 @@ from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.run_setup import setup_run
 
+from probes import traced_steps
+
 SETS = [
     'model.backbone="tiny"',
     "model.max_length=16",
@@ -86,16 +88,7 @@ def test_train_profile_traces_the_named_steps(tmp_path, capsys):
     argv = ["train", "--preset", "demo", "--workdir", str(tmp_path / "run"), "--no-progress"]
     argv += [arg for s in SETS for arg in ("--set", s)] + ["--profile", "3:5"]
     assert cli.main(argv) == 0
-    (xplane,) = (tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb")
-    data = jax.profiler.ProfileData.from_file(str(xplane))
-    steps = sorted(
-        int(dict(event.stats)["step_num"])
-        for plane in data.planes
-        for line in plane.lines
-        for event in line.events
-        if event.name == "train"
-    )
-    assert steps == [3, 4, 5]
+    assert traced_steps(tmp_path / "run" / "profile") == [3, 4, 5]
     assert cli.main([*argv[:-1], "5:3"]) == 2
     assert "--profile '5:3'" in capsys.readouterr().err
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -11,6 +9,8 @@ import pytest
 from mtl_jax import profiling
 from mtl_jax.errors import UserError
 from mtl_jax.profiling import StepProfiler, parse_profile_range, profile_dir
+
+from probes import traced_steps
 
 
 def test_parse_profile_range():
@@ -144,18 +144,6 @@ def test_profiler_rejects_a_bad_range():
         StepProfiler(4, 2, "logs")
 
 
-def _train_events(xplane: Path) -> list[int]:
-    """Step numbers of the ``train`` annotations in a trace, read as TensorBoard reads it."""
-    data = jax.profiler.ProfileData.from_file(str(xplane))
-    return sorted(
-        int(dict(event.stats)["step_num"])
-        for plane in data.planes
-        for line in plane.lines
-        for event in line.events
-        if event.name == "train"
-    )
-
-
 def test_real_trace_of_a_jitted_loop_holds_only_the_range(tmp_path):
     step_fn = jax.jit(lambda x: jnp.tanh(x @ x) + 1.0)
     x = jnp.ones((32, 32))
@@ -169,4 +157,4 @@ def test_real_trace_of_a_jitted_loop_holds_only_the_range(tmp_path):
     (xplane,) = logdir.glob("plugins/profile/*/*.xplane.pb")
     assert xplane.stat().st_size > 0
     assert list(xplane.parent.glob("*.trace.json.gz"))  # the Perfetto-readable copy
-    assert _train_events(xplane) == [2, 3, 4]
+    assert traced_steps(logdir) == [2, 3, 4]
