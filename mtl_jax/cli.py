@@ -24,6 +24,11 @@ from pathlib import Path
 from mtl_jax.errors import UserError
 
 SKIP_EMPTY_HELP = "drop rows with empty text (counted on stderr) instead of stopping"
+DTYPES = ("float32", "bfloat16")
+DTYPE_HELP = (
+    "compute dtype (default: the run's, else float32); bfloat16 on CPU runs the dense layers' "
+    "matmuls on the BF16 unit (float32 activations), about 1.5x faster, cosine >= 0.999"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--which", choices=("latest", "best"), default="latest")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
+    pr.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     pr.set_defaults(func=cmd_predict)
 
     em = sub.add_parser("embed", help="sentence embeddings to a .npy file")
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--max-length", type=int, default=None, help="tokens (default 128)")
     em.add_argument("--text-column", default="text")
     em.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
+    em.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
     em.set_defaults(func=cmd_embed)
 
     ex = sub.add_parser("export", help="a Hugging Face / sentence-transformers model directory")
@@ -259,7 +266,7 @@ def _read_texts(path: str, text_column: str, skip_empty: bool = False) -> list[s
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtl_jax.inference import load_trained, predict_texts
 
-    trained = load_trained(args.checkpoint, args.which)
+    trained = load_trained(args.checkpoint, args.which).with_dtype(args.dtype)
     texts = _read_texts(args.input, args.text_column, args.skip_empty)
     batch_size = _positive(args.batch_size, "--batch-size")
     stats: dict[str, int] = {}
@@ -289,7 +296,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 f"{' and '.join(changed)}: a checkpoint embeds with the layer and pooling it "
                 "was trained with; leave them out"
             )
-        trained = load_trained(args.checkpoint, args.which)
+        trained = load_trained(args.checkpoint, args.which).with_dtype(args.dtype)
         normalize = trained.config.model.normalize if args.normalize is None else args.normalize
         encoder = trained.encoder(normalize=normalize, max_length=args.max_length)
     else:
@@ -302,6 +309,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             pooling=args.pooling or defaults.pooling,
             normalize=defaults.normalize if args.normalize is None else args.normalize,
             max_length=args.max_length or defaults.max_length,
+            dtype=args.dtype or "float32",
         )
     result = encoder.embed(texts, batch_size=_positive(args.batch_size, "--batch-size"))
     tmp = output.with_name(output.name + ".tmp.npy")

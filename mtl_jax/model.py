@@ -7,6 +7,7 @@ token states so evaluators and probes reuse them instead of running BERT again.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from mtl_jax import dots
 from mtl_jax.config import Config
 from mtl_jax.encoder import (
     Backbone,
@@ -42,7 +44,9 @@ class MultiTaskModel(nn.Module):
     remat: bool = False
 
     def setup(self):
-        self.backbone = bert_module(self.bert_config, self.n_layers, self.dtype, self.remat)
+        # bfloat16 on CPU: float32 activations, bf16 dense operands (mtl_jax.dots).
+        backbone_dtype = "float32" if dots.wanted(self.dtype) else self.dtype
+        self.backbone = bert_module(self.bert_config, self.n_layers, backbone_dtype, self.remat)
         self.heads = TaskHeads(self.head_specs, dtype=jnp.dtype(self.dtype))
 
     def embed(
@@ -55,7 +59,10 @@ class MultiTaskModel(nn.Module):
         """Pooled sentence embedding ``[batch, hidden]`` (float32) and token states."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        out = self.backbone(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        with dots.bf16_operand_dense() if dots.wanted(self.dtype) else contextlib.nullcontext():
+            out = self.backbone(
+                input_ids, attention_mask, token_type_ids, deterministic=deterministic
+            )
         hidden = out.last_hidden_state
         embedding = pool(hidden, attention_mask, self.pooling)
         if self.normalize:

@@ -249,6 +249,31 @@ def test_embed_with_a_trained_checkpoint(trained, tmp_path):
     assert code == 2 and err.startswith("error: --pooling:")
 
 
+def test_embed_and_predict_in_bfloat16_stay_close_to_float32(trained, tmp_path):
+    workdir, _ = trained
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        outputs[dtype] = tmp_path / f"{dtype}.npy"
+        argv = ["embed", "--model", "tiny", "--input", str(path), "--output", str(outputs[dtype])]
+        code, _, err = run_cli([*argv, "--layer", "-1", "--dtype", dtype])
+        assert code == 0, err
+    a, b = (np.load(outputs[d]) for d in ("float32", "bfloat16"))
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() >= 0.999 and not np.array_equal(a, b)
+
+    records = {}
+    for dtype in ("float32", "bfloat16"):
+        argv = ["predict", "--checkpoint", str(workdir), "--input", str(path), "--dtype", dtype]
+        code, out, err = run_cli(argv)
+        assert code == 0, err
+        records[dtype] = [json.loads(line) for line in out.strip().splitlines()]
+    for f32, bf16 in zip(records["float32"], records["bfloat16"], strict=True):
+        for task in TASKS:
+            assert bf16[task]["probs"] == pytest.approx(f32[task]["probs"], abs=0.02)
+
+
 # -- advice that can be followed ---------------------------------------------------------------
 
 PACKAGE = Path(cli.__file__).resolve().parent
