@@ -5,7 +5,10 @@ same jitted step over the same batches (tiny model, so any per-step host cost sh
 
 A/B alternating rounds from one compiled step and one starting state; prints one JSON line
 with the medians and their ratio (goal <= 1.1). The fit loop's numbers include its hooks:
-the window read-back every ``train.log_every`` steps and one checkpoint at the end.
+the window read-back every ``train.log_every`` steps and one checkpoint at the end. Each
+round also runs both loops for half the steps: the difference between the two lengths is
+the cost per step with the one-off costs of a run (its final checkpoint, the writers)
+cancelled, reported as ``per_step_ratio``.
 """
 
 from __future__ import annotations
@@ -48,11 +51,17 @@ def _config(steps: int, batch_size: int, log_every: int):
     )
 
 
-def _fresh(run: Run, start_state, workdir: Path) -> Run:
+def _fresh(run: Run, start_state, workdir: Path, n_steps: int | None = None) -> Run:
     """The same compiled steps from the same starting state, in a new run directory."""
     state = jax.tree.map(jnp.copy, start_state)
     checkpointer = Checkpointer(workdir, 1, "score", config=run.config)
-    return dataclasses.replace(run, state=state, workdir=workdir, checkpointer=checkpointer)
+    return dataclasses.replace(
+        run,
+        state=state,
+        workdir=workdir,
+        checkpointer=checkpointer,
+        n_steps=n_steps or run.n_steps,
+    )
 
 
 def _time_fit_loop(run: Run) -> float:
@@ -86,18 +95,25 @@ def main() -> None:
         run = setup_run(_config(args.steps, args.batch_size, args.log_every), root / "setup")
         start_state = jax.tree.map(jnp.copy, run.state)
         _time_bare_loop(_fresh(run, start_state, root / "warm"))  # compile every bucket
-        fit_s, bare_s = [], []
+        n, half = run.n_steps, run.n_steps // 2
+        times: dict[tuple[str, int], list[float]] = {}
         for i in range(args.rounds):
-            fit_s.append(_time_fit_loop(_fresh(run, start_state, root / f"fit{i}")))
-            bare_s.append(_time_bare_loop(_fresh(run, start_state, root / f"bare{i}")))
-    fit_med, bare_med = statistics.median(fit_s), statistics.median(bare_s)
+            for steps in (n, half):
+                for name, timer in (("fit", _time_fit_loop), ("bare", _time_bare_loop)):
+                    fresh = _fresh(run, start_state, root / f"{name}{i}-{steps}", steps)
+                    times.setdefault((name, steps), []).append(timer(fresh))
+    med = {key: statistics.median(value) for key, value in times.items()}
+    per_step = {name: (med[name, n] - med[name, half]) / (n - half) for name in ("fit", "bare")}
     print(
         json.dumps(
             {
-                "steps": run.n_steps,
-                "fit_loop_ms_per_step": round(1e3 * fit_med / run.n_steps, 3),
-                "bare_loop_ms_per_step": round(1e3 * bare_med / run.n_steps, 3),
-                "ratio": round(fit_med / bare_med, 3),
+                "steps": n,
+                "fit_loop_ms_per_step": round(1e3 * med["fit", n] / n, 3),
+                "bare_loop_ms_per_step": round(1e3 * med["bare", n] / n, 3),
+                "ratio": round(med["fit", n] / med["bare", n], 3),
+                "fit_ms_per_extra_step": round(1e3 * per_step["fit"], 3),
+                "bare_ms_per_extra_step": round(1e3 * per_step["bare"], 3),
+                "per_step_ratio": round(per_step["fit"] / per_step["bare"], 3),
                 "rounds": args.rounds,
             }
         )
