@@ -11,11 +11,18 @@ Suites (each prints one JSON line per result):
 
 With --compare-pytorch PYTHON the matching baseline script in ../shared/bench runs with that
 interpreter in the same invocation, alternating with ours (--rounds times), and a ratio
-line follows (ours / PyTorch, > 1 = we are faster). Benchmarks report; they assert nothing.
+line follows per baseline (ours / theirs of the medians: > 1 = we are faster; for
+peak_rss_mb < 1 = we use less memory). The encode suite does sentence-transformers' work
+(every layer, mean pooling, normalised) and takes --encode-baselines: st (torch float32, the
+default), st-bf16 (the same model cast to bfloat16), onnx-fp32 / onnx-qint8 (its ONNX
+Runtime backend; see ../shared/bench/README.md for the extra packages). Benchmarks report;
+they assert nothing.
 
   python scripts/benchmark.py --suite train --freeze none --steps 6
   python scripts/benchmark.py --suite train-real --compare-pytorch /tmp/ptvenv/bin/python
   python scripts/benchmark.py --suite cache --cache-rows 1024 --cache-epochs 3
+  python scripts/benchmark.py --suite encode --dtype bfloat16 --rounds 2 \
+      --compare-pytorch /tmp/ptvenv/bin/python --encode-baselines st st-bf16 onnx-qint8
   python scripts/benchmark.py --suite train --seq-len 128 --profile 5:8   # runs/profile/train
 
 --profile START:END traces those calls of the suite's step (counted from 0: the compile
@@ -33,6 +40,7 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 
 import bench  # scripts/bench, beside this script
 import jax
@@ -64,6 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-sync", action="store_true", help="dispatch steps without waiting each")
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds with --compare-pytorch")
     p.add_argument("--compare-pytorch", metavar="PYTHON", help="interpreter with torch installed")
+    p.add_argument(
+        "--encode-baselines",
+        nargs="+",
+        default=["st"],
+        choices=list(ENCODE_BASELINES),
+        help="encode suite: the baselines to run each round (st = sentence-transformers float32)",
+    )
     p.add_argument("--xla-flags", default="", help="appended to $XLA_FLAGS before JAX starts")
     p.add_argument("--prng", default=None, help="jax_default_prng_impl (threefry2x32, rbg, ...)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 matmul peak")
@@ -85,23 +100,42 @@ def emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def baseline_args(suite: str, args: argparse.Namespace, data_dir: str) -> tuple[str, list[str]]:
-    """The shared baseline script and arguments measuring the same work as ``suite``."""
+ENCODE_BASELINES = {  # label: (script, its own arguments)
+    "st": ("st_encode.py", []),  # sentence-transformers, torch float32 (the default user)
+    "st-bf16": (
+        str(Path(__file__).parent / "bench" / "st_encode_dtype.py"),
+        ["--dtype", "bfloat16"],
+    ),
+    "onnx-fp32": ("st_onnx_encode.py", ["--variant", "fp32"]),
+    "onnx-qint8": ("st_onnx_encode.py", ["--variant", "qint8"]),
+}
+
+
+def baseline_args(
+    suite: str, args: argparse.Namespace, data_dir: str
+) -> list[tuple[str, str, list[str]]]:
+    """``(label, script, arguments)`` of each baseline measuring the same work as ``suite``."""
     train = ["--freeze", args.freeze, "--batch", str(args.batch), "--steps", str(args.steps)]
     train += ["--warmup", str(args.warmup)] + (["--backbone-eval"] if args.backbone_eval else [])
     if suite == "train":
-        return "pt_multitask.py", train + ["--seq-len", *map(str, args.seq_len)]
+        return [("pytorch", "pt_multitask.py", train + ["--seq-len", *map(str, args.seq_len)])]
     if suite == "train-real":
-        return "pt_realdata.py", train + [
-            "--data-dir",
-            data_dir,
-            "--max-length",
-            str(args.max_length),
-        ]
+        real = ["--data-dir", data_dir, "--max-length", str(args.max_length)]
+        return [("pytorch", "pt_realdata.py", train + real)]
     if suite == "cache":  # what a frozen eval-mode PyTorch epoch costs
         frozen = ["--freeze", "backbone", "--backbone-eval", "--batch", str(args.batch)]
-        return "pt_realdata.py", frozen + ["--steps", str(args.steps), "--data-dir", data_dir]
-    return "st_encode.py", ["--batch", "64", "--repeats", str(args.repeats)]
+        return [
+            (
+                "pytorch",
+                "pt_realdata.py",
+                frozen + ["--steps", str(args.steps), "--data-dir", data_dir],
+            )
+        ]
+    encode = ["--batch", "64", "--repeats", str(args.repeats)]
+    return [
+        (label, ENCODE_BASELINES[label][0], [*ENCODE_BASELINES[label][1], *encode])
+        for label in args.encode_baselines
+    ]
 
 
 def baseline_summary(suite: str, raw: dict) -> list[dict]:
@@ -122,6 +156,7 @@ def baseline_summary(suite: str, raw: dict) -> list[dict]:
                 "sentences_per_s": raw["sentences_per_s"]["median"],
                 "real_tokens_per_s": raw["real_tokens_per_s_median"],
                 "step_s": raw["encode_time_s"],
+                "min_cosine_vs_float32": raw.get("vs_torch_fp32", {}).get("min_cosine"),
             }
         ]
     return [
@@ -161,9 +196,10 @@ def make_options(args: argparse.Namespace, data_dir: str, profile: tuple[int, in
     )
 
 
-def run_rounds(suite, args: argparse.Namespace, data_dir: str) -> tuple[list, list]:
-    """``args.rounds`` A/B rounds of one suite: ours, then (if asked) the PyTorch script."""
-    ours_rounds, theirs_rounds = [], []
+def run_rounds(suite, args: argparse.Namespace, data_dir: str) -> tuple[list, dict]:
+    """``args.rounds`` A/B rounds of one suite: ours, then (if asked) each baseline script."""
+    ours_rounds: list = []
+    theirs_rounds: dict[str, list] = {}
     for rnd in range(args.rounds):
         suite.peak = bench.matmul_gflops(args.peak_size, dtype=args.peak_dtype)  # the limit now
         results = suite.measure()
@@ -179,47 +215,50 @@ def run_rounds(suite, args: argparse.Namespace, data_dir: str) -> tuple[list, li
                 }
             )
         ours_rounds.append(results)
-        if args.compare_pytorch:
-            script, extra = baseline_args(suite.name, args, data_dir)
+        if not args.compare_pytorch:
+            continue
+        for label, script, extra in baseline_args(suite.name, args, data_dir):
             raw = bench.run_baseline(args.compare_pytorch, script, extra)
-            theirs = baseline_summary(suite.name, raw)
+            peak = {"peak_rss_mb": raw.get("peak_rss_mb_self")}
+            theirs = [{**r, **peak} for r in baseline_summary(suite.name, raw)]
             for r in theirs:
                 emit(
                     {
                         "suite": suite.name,
                         "framework": "pytorch",
-                        "script": script,
+                        "baseline": label,
+                        "script": Path(script).name,
                         "round": rnd,
                         "freeze": raw.get("freeze"),
-                        "peak_rss_mb": raw.get("peak_rss_mb_self"),
                         **r,
                     }
                 )
-            theirs_rounds.append(theirs)
+            theirs_rounds.setdefault(label, []).append(theirs)
     return ours_rounds, theirs_rounds
 
 
-def emit_ratios(suite_name: str, args, ours_rounds: list, theirs_rounds: list) -> None:
-    """One line per result: ours / PyTorch of the medians over rounds."""
+def emit_ratios(suite_name: str, args, ours_rounds: list, theirs_by_label: dict) -> None:
+    """One line per result and baseline: ours / theirs of the medians over rounds."""
     median = statistics.median
-    for i in range(len(theirs_rounds[0])):
-        line = {
-            "suite": suite_name,
-            "ratio": "mtl_jax / pytorch, median over rounds",
-            "freeze": args.freeze if suite_name != "encode" else None,
-        }
-        if "seq_len" in theirs_rounds[0][i]:
-            line["seq_len"] = theirs_rounds[0][i]["seq_len"]
-        for key in RATIO_KEYS:
-            ours = [r[i].get(key) for r in ours_rounds if i < len(r)]
-            theirs = [r[i].get(key) for r in theirs_rounds]
-            if all(ours) and all(theirs):
-                line[key] = bench.ratio(median(ours), median(theirs))
-        if suite_name == "train-real":
-            est = [r[0]["epoch_estimate"]["examples_per_s"] for r in ours_rounds]
-            theirs = [r[0]["examples_per_s"] for r in theirs_rounds]
-            line["epoch_estimate_examples_per_s"] = bench.ratio(median(est), median(theirs))
-        emit(line)
+    for label, theirs_rounds in theirs_by_label.items():
+        for i in range(len(theirs_rounds[0])):
+            line = {
+                "suite": suite_name,
+                "ratio": f"mtl_jax / {label}, median over rounds",
+                "freeze": args.freeze if suite_name != "encode" else None,
+            }
+            if "seq_len" in theirs_rounds[0][i]:
+                line["seq_len"] = theirs_rounds[0][i]["seq_len"]
+            for key in (*RATIO_KEYS, "peak_rss_mb"):
+                ours = [r[i].get(key) for r in ours_rounds if i < len(r)]
+                theirs = [r[i].get(key) for r in theirs_rounds]
+                if all(ours) and all(theirs):
+                    line[key] = bench.ratio(median(ours), median(theirs))
+            if suite_name == "train-real":
+                est = [r[0]["epoch_estimate"]["examples_per_s"] for r in ours_rounds]
+                theirs = [r[0]["examples_per_s"] for r in theirs_rounds]
+                line["epoch_estimate_examples_per_s"] = bench.ratio(median(est), median(theirs))
+            emit(line)
 
 
 def main(argv=None) -> int:

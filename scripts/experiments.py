@@ -7,6 +7,7 @@ from its run directory. A row whose run directory is complete is not trained aga
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,16 @@ FROZEN = (
     "train.head_learning_rate=1e-3",
 )
 BALANCED = 'tasks.genre.class_weighting="balanced"'
+DATA_DIR = os.environ.get("MTL_JAX_DATA", "../shared/data")
+# The model-quality study: sentiment on GLUE's 67k SST-2 phrases (scored on the same
+# sentence dev set), one lever at a time against the "phrases-multi" baseline.
+PHRASES = (
+    f'tasks.sentiment.train_file="{DATA_DIR}/sst2_phrases/train.tsv"',
+    "train.epochs=1",
+    "train.learning_rate=3e-5",
+    "train.warmup_steps=200",
+    "train.eval_every=1000",
+)
 ROWS = {
     "frozen-multi": real(*FROZEN),
     "frozen-multi-balanced": real(*FROZEN, BALANCED),
@@ -49,6 +60,13 @@ ROWS = {
     "full-multi-balanced-lr5e-5": real(BALANCED, "train.learning_rate=5e-5"),
     "full-genre-only": real(tasks="genre"),
     "full-sentiment-only": real(tasks="sentiment"),
+    "phrases-multi": real(*PHRASES),
+    "phrases-multi-layer-1": real(*PHRASES, "model.layer=-1"),
+    "phrases-multi-lr1e-4": real(*PHRASES, "train.learning_rate=1e-4"),
+    "phrases-multi-balanced": real(*PHRASES, BALANCED),
+    "phrases-multi-temperature": real(*PHRASES, 'data.mixing="temperature"'),
+    "phrases-sentiment-only": real(*PHRASES, tasks="sentiment"),
+    "phrases-genre-only": real(*PHRASES, tasks="genre"),
 }
 
 

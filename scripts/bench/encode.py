@@ -26,7 +26,12 @@ def load_corpus() -> list[str]:
 
 
 class Encode(Suite):
-    """``st_encode.py``: tokenise and embed the 2,000-sentence corpus, length-sorted."""
+    """``st_encode.py``: tokenise and embed the 2,000-sentence corpus, length-sorted.
+
+    The same work as ``SentenceTransformer.encode`` of all-MiniLM-L6-v2: every layer
+    (``layer = -1``), mean pooling, L2-normalised. In another dtype than float32 the result
+    also says how close it stays to float32 (``min_cosine_vs_float32`` over the corpus).
+    """
 
     name = "encode"
     step_name = "encode"  # one step: one pass over the corpus
@@ -35,7 +40,8 @@ class Encode(Suite):
         super().__init__(*args)
         o = self.opts
         self.config = o.config(freeze="none", backbone_eval=False, batch_size=32, data_dir=None)
-        self.config = dataclasses.replace(self.config, tasks=())  # an encoder: no heads
+        st_setting = dataclasses.replace(self.config.model, layer=-1, normalize=True)
+        self.config = dataclasses.replace(self.config, model=st_setting, tasks=())  # no heads
         self.model = build_model(self.config, self.backbone)
         params = init_params(self.model, jax.random.key(o.seed), self.backbone)
         self.texts = load_corpus()
@@ -43,10 +49,10 @@ class Encode(Suite):
         # --buckets sets the padded lengths; by default the library's inference buckets.
         buckets = tuple(o.buckets) if o.buckets else data_lib.inference_buckets(max_length)
 
-        def encode():
+        def encode(model=self.model):
             tok = tokenize(self.backbone.tokenizer, self.texts, max_length)
             return embed_tokenized(
-                self.model,
+                model,
                 params,
                 tok,
                 batch_size=o.encode_batch,
@@ -60,6 +66,11 @@ class Encode(Suite):
             _, tok = encode()
             c["first_pass_s"] = time.perf_counter() - t0
         self.compile = c
+        self.min_cosine = None
+        if self.config.model.dtype != "float32":
+            ours, _ = encode()
+            reference, _ = encode(dataclasses.replace(self.model, dtype="float32"))
+            self.min_cosine = float((ours * reference).sum(1).min())  # both unit vectors
         self.lengths = tok.lengths
         padded = [
             b["input_ids"].shape[1]
@@ -96,6 +107,8 @@ class Encode(Suite):
                 "first_pass_s": self.compile["first_pass_s"],
                 "mfu": self._mfu(self.flops, t["median"]),
                 "embedding_norm_mean": float(np.linalg.norm(emb, axis=1).mean()),
+                "min_cosine_vs_float32": self.min_cosine,
+                "layer": self.config.model.layer,
                 "peak_rss_mb": peak_rss_mb(),
                 **self._common(self.config),
             }
