@@ -117,7 +117,9 @@ def embed_tokenized(
     max_length: int = 128,
 ) -> np.ndarray:
     """Pooled embeddings ``[N, hidden]`` (float32), row ``i`` for sentence ``i``."""
-    embed = functools.partial(_embed_batch, model, params)
+    # On the device once: host (numpy) params would be copied again for every batch, and
+    # every batch in flight would hold its own copy (hundreds of MB for MiniLM).
+    embed = functools.partial(_embed_batch, model, jax.device_put(params))
     return map_batches(embed, tokenized, batch_size, buckets, max_length)
 
 
@@ -132,6 +134,7 @@ def predict_tokenized(
 ) -> dict[str, np.ndarray]:
     """Class probabilities per task ``{task: [N, num_labels]}``, in input order."""
     predict = make_predict_fn(model)
+    params = jax.device_put(params)  # once, as in embed_tokenized
 
     def probs(batch):
         return predict(params, batch)[0]

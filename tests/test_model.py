@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -89,6 +90,29 @@ def test_pretrained_weights_are_loaded_not_random(minilm_backbone, tiny_config):
     assert "5" not in params["backbone"]["encoder"]["layer"]  # layer -2: top layer never built
     counts = param_counts(params)
     assert counts["total"] == counts["backbone"] + counts["heads/genre"] + counts["heads/sentiment"]
+
+
+def test_pretrained_init_gives_the_heads_a_full_init_gives(tiny_model, tiny_backbone):
+    """With pretrained weights only the heads are initialised, to the same values."""
+    ids = jnp.ones((1, 8), jnp.int32)
+    full = tiny_model.init(jax.random.key(3), ids, jnp.ones_like(ids), jnp.zeros_like(ids))
+    other = tiny_model.init(jax.random.key(4), ids, jnp.ones_like(ids), jnp.zeros_like(ids))
+    pretrained = jax.tree_util.tree_map(np.asarray, other["params"]["backbone"])
+    backbone = dataclasses.replace(tiny_backbone, params=pretrained)
+    params = init_params(tiny_model, jax.random.key(3), backbone)
+    assert set(params) == {"backbone", "heads"}
+    for want, got in zip(
+        jax.tree_util.tree_leaves(full["params"]["heads"]),
+        jax.tree_util.tree_leaves(params["heads"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    for want, got in zip(
+        jax.tree_util.tree_leaves(pretrained),
+        jax.tree_util.tree_leaves(params["backbone"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_merge_pretrained_raises_on_mismatch():
