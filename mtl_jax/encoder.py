@@ -293,14 +293,17 @@ def bert_module(
     dtype: str = "float32",
     remat: bool = False,
 ):
-    """``FlaxBertModule`` running ``n_layers`` layers, without the pooler."""
-    from transformers.models.bert.modeling_flax_bert import FlaxBertModule
+    """``FlaxBertModule`` running ``n_layers`` layers, without the pooler; with ``remat``
+    each layer is rematerialised in the backward pass (:mod:`mtl_jax.remat`)."""
+    if remat:
+        from mtl_jax.remat import CheckpointedBertModule as Module
+    else:
+        from transformers.models.bert.modeling_flax_bert import FlaxBertModule as Module
 
-    return FlaxBertModule(
+    return Module(
         config=truncated_bert_config(frozen_config, n_layers),
         dtype=jnp.dtype(dtype),
         add_pooling_layer=False,
-        gradient_checkpointing=remat,
     )
 
 

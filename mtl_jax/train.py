@@ -237,19 +237,31 @@ def make_train_step(
     before the jitted call.
     """
     forward = forward or model_forward(model, config)
-    return jit_train_step(build_train_step(forward, optimizer, config), forward.step_keys)
+    step = build_train_step(forward, optimizer, config)
+    return jit_train_step(step, forward.step_keys, train_compiler_options(config.model.remat))
+
+
+def train_compiler_options(remat: bool) -> dict[str, Any] | None:
+    """XLA options for the train step: with ``model.remat`` on CPU, the memory-optimised
+    schedule, without which XLA:CPU recomputes checkpointed layers too early to save memory
+    (see :mod:`mtl_jax.remat`)."""
+    if remat and jax.default_backend() == "cpu":
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return None
 
 
 def jit_train_step(
     train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]],
     keys: tuple[str, ...] = STEP_KEYS,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Jit a pure train step with the state donated, behind a filter of the batch's keys.
 
     Split from :func:`make_train_step` so a test can wrap the pure step (e.g. in
     ``chex.assert_max_traces``) and still run the exact public calling convention.
+    ``compiler_options`` go to XLA (e.g. :func:`mtl_jax.remat.train_compiler_options`).
     """
-    jitted = jax.jit(train_step, donate_argnums=0)
+    jitted = jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
 
     def step(state: TrainState, batch: Batch, key: jax.Array):
         return jitted(state, step_inputs(batch, keys), key)

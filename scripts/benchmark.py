@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone-eval", action="store_true", help="no dropout inside BERT")
     p.add_argument("--model", default="minilm", help="minilm | tiny | a BERT directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--remat", action="store_true", help="model.remat: checkpointed layers")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, nargs="+", default=[64, 128], help="train suite")
     p.add_argument("--max-length", type=int, default=128)
@@ -179,6 +180,7 @@ def make_options(args: argparse.Namespace, data_dir: str, profile: tuple[int, in
         freeze=args.freeze,
         backbone_eval=args.backbone_eval,
         dtype=args.dtype,
+        remat=args.remat,
         batch_size=args.batch,
         seq_lens=tuple(args.seq_len),
         max_length=args.max_length,

@@ -29,6 +29,7 @@ class Options:
     freeze: str = "none"
     backbone_eval: bool = False
     dtype: str = "float32"
+    remat: bool = False
     batch_size: int = 32
     seq_lens: tuple[int, ...] = (64, 128)
     max_length: int = 128
@@ -52,6 +53,7 @@ class Options:
             "freeze": self.freeze,
             "backbone_eval": self.backbone_eval,
             "dtype": self.dtype,
+            "remat": self.remat,
             "max_length": self.max_length,
             "batch_size": self.batch_size,
             "buckets": self.buckets,
@@ -111,6 +113,7 @@ class Suite:
         return {
             "model": self.opts.backbone,
             "dtype": config.model.dtype,
+            "remat": config.model.remat,
             "backbone_dropout": config.model.backbone_dropout,
             "device": device_name(),
             "peak_gflops": self.peak,

@@ -38,6 +38,7 @@ def bench_config(
     batch_size: int = 32,
     buckets: Sequence[int] | None = None,
     data_dir: str | None = None,
+    remat: bool = False,
 ) -> Config:
     """The PyTorch baseline's settings as a :class:`Config`.
 
@@ -51,6 +52,7 @@ def bench_config(
         max_length=max_length,
         dtype=dtype,
         backbone_dropout=not backbone_eval,
+        remat=remat,
     )
     train = TrainConfig(
         freeze=freeze,
