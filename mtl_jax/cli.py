@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mtl_jax.host_memory import lean_malloc
+
+    lean_malloc()  # before JAX starts its threads: a lower peak RSS
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -81,7 +81,7 @@ class ModelConfig:
     max_length: int = 128  # tokens per sentence, [CLS] and [SEP] included
     dtype: str = "float32"  # compute dtype; params and optimiser state stay float32
     backbone_dropout: bool = True  # dropout inside BERT while training (off = deterministic)
-    remat: bool = False  # recompute encoder layers in the backward pass to save memory
+    remat: bool = True  # checkpoint encoder layers: ~30 % less training memory (mtl_jax.remat)
 
     def validate(self) -> None:
         _check_fields(

@@ -69,7 +69,8 @@ class SentenceEncoder:
         model_cfg.validate()
         loaded = load_backbone(backbone)
         model = build_model(Config(model=model_cfg), loaded)  # no tasks: no heads
-        params = init_params(model, jax.random.key(seed), loaded)
+        # On the device once; the host copy goes (it would double the weights' memory).
+        params = jax.device_put(init_params(model, jax.random.key(seed), loaded))
         return cls(model, params, loaded.tokenizer, max_length)
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> EmbedResult:

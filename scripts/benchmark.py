@@ -47,6 +47,7 @@ import jax
 
 from mtl_jax.encoder import load_backbone
 from mtl_jax.errors import UserError
+from mtl_jax.host_memory import lean_malloc
 from mtl_jax.profiling import parse_profile_range
 
 
@@ -81,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="encode suite: the baselines to run each round (st = sentence-transformers float32)",
     )
     p.add_argument("--xla-flags", default="", help="appended to $XLA_FLAGS before JAX starts")
+    p.add_argument(
+        "--malloc",
+        default="lean",
+        choices=["lean", "default"],
+        help="lean: glibc malloc as the mtl-jax command sets it (mtl_jax.host_memory)",
+    )
     p.add_argument("--prng", default=None, help="jax_default_prng_impl (threefry2x32, rbg, ...)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 matmul peak")
     p.add_argument(
@@ -213,6 +220,7 @@ def run_rounds(suite, args: argparse.Namespace, data_dir: str) -> tuple[list, di
                     "round": rnd,
                     "peak_dtype": args.peak_dtype,
                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "malloc": args.malloc,
                     "prng": str(jax.config.jax_default_prng_impl),
                 }
             )
@@ -270,6 +278,8 @@ def main(argv=None) -> int:
     except UserError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
+    if args.malloc == "lean":  # before JAX's backend starts its threads
+        lean_malloc()
     if args.xla_flags:  # read when JAX's backend starts, i.e. at the first computation
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     if args.prng:

@@ -33,7 +33,7 @@ from mtl_jax.presets import preset
 from mtl_jax.run_setup import Run, setup_run
 
 
-def _config(steps: int, batch_size: int, log_every: int):
+def _config(steps: int, batch_size: int, log_every: int, extra: tuple[str, ...] = ()):
     return apply_overrides(
         preset("demo"),
         [
@@ -47,6 +47,7 @@ def _config(steps: int, batch_size: int, log_every: int):
             f"train.log_every={log_every}",
             f"train.eval_every={10 * steps}",
             f"train.checkpoint_every={10 * steps}",
+            *extra,
         ],
     )
 
@@ -89,10 +90,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[], help="config overrides, K=V")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run = setup_run(_config(args.steps, args.batch_size, args.log_every), root / "setup")
+        run = setup_run(
+            _config(args.steps, args.batch_size, args.log_every, tuple(args.set)), root / "setup"
+        )
         start_state = jax.tree.map(jnp.copy, run.state)
         _time_bare_loop(_fresh(run, start_state, root / "warm"))  # compile every bucket
         n, half = run.n_steps, run.n_steps // 2
