@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from mtl_jax import dots as mtl_dots
 from mtl_jax import parallel
 from mtl_jax.checkpoint import restore_params
 from mtl_jax.config import Config, ParallelConfig, TrainConfig, apply_overrides, default_tasks
@@ -199,7 +200,20 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_optimizer(tiny_config
     assert floats == {"float32"}  # params and Adam moments stay float32
     dots = _dot_dtypes(jax.make_jaxpr(step)(state, batch, key))
     assert sum(dots.values()) > 20  # forward and backward of BERT and the heads
-    assert set(dots) == {(("bfloat16", "bfloat16"), "bfloat16")}
+    bf16 = ("bfloat16", "bfloat16")
+    if not mtl_dots.wanted("bfloat16"):
+        assert set(dots) == {(bf16, "bfloat16")}
+        return
+    # CPU (mtl_jax.dots): BERT's dense layers multiply bf16 operands into float32 on the
+    # BF16 unit, its activations (attention included) stay float32; the heads are bf16.
+    assert dots[(bf16, "float32")] == 6 * model.n_layers
+    assert (("float32", "float32"), "float32") in dots and (bf16, "bfloat16") in dots
+    assert set(dots) <= {
+        (bf16, "float32"),
+        (bf16, "bfloat16"),
+        (("float32", "float32"), "float32"),
+        (("float32", "bfloat16"), "float32"),  # the dense layers' backward
+    }
 
 
 # -- several devices and processes (subprocesses) ---------------------------------------------
