@@ -25,8 +25,8 @@ import jax
 from flax.linen import partitioning as nn_partitioning
 from transformers.models.bert import modeling_flax_bert as hf_bert
 
-# Saved for the backward pass: every matmul's output (dense layers and attention); the
-# elementwise work between them is recomputed.
+# Saved for the backward pass: the dense layers' matmul outputs (no batch dimensions); the
+# attention einsums (batched) and the elementwise work between them are recomputed.
 POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 # FlaxBertLayer.__call__'s static arguments (init_cache, deterministic, output_attentions),
 # counted as transformers' own gradient_checkpointing counts them.

@@ -238,7 +238,9 @@ def make_train_step(
     """
     forward = forward or model_forward(model, config)
     step = build_train_step(forward, optimizer, config)
-    return jit_train_step(step, forward.step_keys, train_compiler_options(config.model.remat))
+    # The memory schedule only pays where a backbone backward pass is rematerialised.
+    remat = config.model.remat and backbone_trainable(config.train)
+    return jit_train_step(step, forward.step_keys, train_compiler_options(remat))
 
 
 def train_compiler_options(remat: bool) -> dict[str, Any] | None:
@@ -259,7 +261,7 @@ def jit_train_step(
 
     Split from :func:`make_train_step` so a test can wrap the pure step (e.g. in
     ``chex.assert_max_traces``) and still run the exact public calling convention.
-    ``compiler_options`` go to XLA (e.g. :func:`mtl_jax.remat.train_compiler_options`).
+    ``compiler_options`` go to XLA (e.g. :func:`train_compiler_options`).
     """
     jitted = jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
 

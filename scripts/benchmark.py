@@ -164,7 +164,7 @@ def baseline_summary(suite: str, raw: dict) -> list[dict]:
                 "sentences_per_s": raw["sentences_per_s"]["median"],
                 "real_tokens_per_s": raw["real_tokens_per_s_median"],
                 "step_s": raw["encode_time_s"],
-                "min_cosine_vs_float32": raw.get("vs_torch_fp32", {}).get("min_cosine"),
+                "min_cosine_vs_float32": (raw.get("vs_torch_fp32") or {}).get("min_cosine"),
             }
         ]
     return [
