@@ -238,9 +238,7 @@ def make_train_step(
     """
     forward = forward or model_forward(model, config)
     step = build_train_step(forward, optimizer, config)
-    # The memory schedule only pays where a backbone backward pass is rematerialised.
-    remat = config.model.remat and backbone_trainable(config.train)
-    return jit_train_step(step, forward.step_keys, train_compiler_options(remat))
+    return jit_train_step(step, forward.step_keys, step_compiler_options(config))
 
 
 def train_compiler_options(remat: bool) -> dict[str, Any] | None:
@@ -250,6 +248,12 @@ def train_compiler_options(remat: bool) -> dict[str, Any] | None:
     if remat and jax.default_backend() == "cpu":
         return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
     return None
+
+
+def step_compiler_options(config: Config) -> dict[str, Any] | None:
+    """The train step's XLA options for a config: the memory schedule only pays where a
+    backbone backward pass is rematerialised."""
+    return train_compiler_options(config.model.remat and backbone_trainable(config.train))
 
 
 def jit_train_step(

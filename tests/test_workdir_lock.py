@@ -126,6 +126,12 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None
         time.sleep(0.2)
 
 
+def _cli(argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``mtl-jax ARGV`` in a fresh process, its output captured."""
+    command = [sys.executable, "-m", "mtl_jax.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def _steps(workdir: Path) -> list[int]:
     directory = workdir / "checkpoints"
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
@@ -143,13 +149,7 @@ def test_a_concurrent_train_is_refused_and_a_killed_one_resumes(env, tmp_path):
     try:
         _wait_for(lambda: (run / "checkpoints").is_dir() and _steps(run) == [2], first)
         started = time.monotonic()
-        second = subprocess.run(
-            [sys.executable, "-m", "mtl_jax.cli", *train_argv(run)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        second = _cli(train_argv(run), env, timeout=120)
         refused_in = time.monotonic() - started
         assert second.returncode == 2, second.stderr
         assert second.stderr.startswith(f"error: {run}: another 'train' is using this run")
@@ -161,13 +161,8 @@ def test_a_concurrent_train_is_refused_and_a_killed_one_resumes(env, tmp_path):
         # Reading commands take no lock: they use the newest complete checkpoint meanwhile.
         texts = tmp_path / "texts.txt"
         texts.write_text("a quiet night in town\nthe rocket left orbit\n", encoding="utf-8")
-        predicted = subprocess.run(
-            [sys.executable, "-m", "mtl_jax.cli", "predict", "--checkpoint", str(run)]
-            + ["--input", str(texts)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
+        predicted = _cli(
+            ["predict", "--checkpoint", str(run), "--input", str(texts)], env, timeout=120
         )
         assert predicted.returncode == 0, predicted.stderr
         records = [json.loads(line) for line in predicted.stdout.splitlines()]
@@ -181,13 +176,7 @@ def test_a_concurrent_train_is_refused_and_a_killed_one_resumes(env, tmp_path):
     assert first.returncode == -signal.SIGKILL
     assert read_holder(run)["pid"] == first.pid  # a stale file, but no lock
 
-    rerun = subprocess.run(
-        [sys.executable, "-m", "mtl_jax.cli", *train_argv(run)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    rerun = _cli(train_argv(run), env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout.strip().splitlines()[-1])["steps"] == 16
     assert not (run / LOCK_FILE).exists()

@@ -19,7 +19,7 @@ import numpy as np
 from mtl_jax import data as data_lib
 from mtl_jax.config import Config, DataConfig, ModelConfig, TrainConfig, default_tasks
 from mtl_jax.presets import real
-from mtl_jax.train import build_train_step, model_forward, step_inputs
+from mtl_jax.train import build_train_step, model_forward, step_compiler_options, step_inputs
 
 BASELINE_LR = 2e-5
 BASELINE_WEIGHT_DECAY = 0.01
@@ -109,7 +109,11 @@ def step_memory_mb(model: Any, optimizer: Any, config: Config, state: Any, batch
     update). Peak RSS minus these is the runtime, the libraries and the host-side data.
     """
     forward = model_forward(model, config)
-    step = jax.jit(build_train_step(forward, optimizer, config), donate_argnums=0)
+    step = jax.jit(
+        build_train_step(forward, optimizer, config),
+        donate_argnums=0,
+        compiler_options=step_compiler_options(config),  # as the library's train step
+    )
     inputs = step_inputs(batch, forward.step_keys)
     compiled = step.lower(state, inputs, jax.random.key(0)).compile()
     analysis = compiled.memory_analysis()
