@@ -129,18 +129,14 @@ def run_rows(args: argparse.Namespace) -> dict[str, dict]:
     return {name: results[name] for name in args.only}
 
 
-def default_command() -> str:
-    """The mtl-jax beside this Python: `.venv/bin/python scripts/experiments.py` needs no venv activated."""
-    beside = Path(sys.executable).with_name("mtl-jax")
-    return str(beside) if beside.exists() else "mtl-jax"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", default="runs/experiments", help="one run directory per row")
     parser.add_argument("--only", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--extra", action="append", default=[], help="--set K=V for every row")
-    parser.add_argument("--mtl-jax", default=default_command(), help="the mtl-jax command")
+    # This Python's own CLI (as the tests call it): no activated venv or PATH entry needed.
+    default_command = shlex.join([sys.executable, "-m", "mtl_jax.cli"])
+    parser.add_argument("--mtl-jax", default=default_command, help="the mtl-jax command")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at the same time")
     parser.add_argument(
         "--report", action="store_true", help="train nothing: tabulate the run directories"
