@@ -107,8 +107,13 @@ def _pooled_batch(static: tuple, params, input_ids, attention_mask) -> jax.Array
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho (average ranks for ties), the STS benchmark's correlation."""
-    return float(spearmanr(a, b).statistic)
+    """Spearman's rho (average ranks for ties), the STS benchmark's correlation.
+
+    Scores are rounded to 1e-6 first: cosines that differ only by float rounding (identical
+    sentences; kernels that differ between CPUs, e.g. AMX vs AVX-512) are ties, so the rank
+    order, and the number, does not depend on the machine.
+    """
+    return float(spearmanr(np.round(a, 6), np.round(b, 6)).statistic)
 
 
 def sts_spearman(left: np.ndarray, right: np.ndarray, gold: np.ndarray) -> float:

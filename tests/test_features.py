@@ -107,7 +107,9 @@ def test_cached_step_equals_full_frozen_step(
 
     assert int(cached.step) == STEPS
     chex.assert_trees_all_equal_structs(cached, full)
-    chex.assert_trees_all_close(cached.params["heads"], full.params["heads"], rtol=1e-5, atol=1e-5)
+    # atol 5e-5: Adam divides by sqrt(v), so a near-zero gradient's last-bit difference between
+    # the two programs (their kernels differ by CPU: AMX vs AVX-512) moves a weight ~1e-5
+    chex.assert_trees_all_close(cached.params["heads"], full.params["heads"], rtol=1e-5, atol=5e-5)
     chex.assert_trees_all_close(cached.params["log_vars"], full.params["log_vars"], atol=1e-5)
     start = jax.tree.map(np.asarray, params["backbone"])
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, cached.params["backbone"]), start)
