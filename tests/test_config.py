@@ -16,8 +16,11 @@ from mtl_jax.config import (
     apply_overrides,
     load_config,
 )
+from mtl_jax.data import load_task_datasets
 from mtl_jax.errors import UserError
 from mtl_jax.presets import demo, real
+
+from data_helpers import resolve_class_weights, resolve_labels
 
 
 @pytest.mark.parametrize("make", [demo, real])
@@ -260,3 +263,34 @@ def test_toml_round_trips_strings_a_json_writer_would_break():
     text = config.to_toml()
     assert "length_buckets = [16, 32, 64, 128]" in text  # lists stay on one line
     assert Config.from_dict(tomllib.loads(text)) == config
+
+
+def _write_tsv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+
+
+def test_real_preset_trains_sentiment_on_the_phrases_and_balances_genre(
+    tmp_path, monkeypatch, tiny_backbone
+):
+    """The recipe's data wiring on a miniature copy of ../shared/data: sentiment trains on
+    sst2_phrases/ and is scored on the sst2/ sentences; genre gets n / (K * n_c) weights."""
+    counts = {"adventure": 6, "humor": 2, "mystery": 4, "romance": 4, "science_fiction": 4}
+    genre_rows = [(f"{label} text", label) for label, n in counts.items() for _ in range(n)]
+    _write_tsv(tmp_path / "brown_genre/train.tsv", ("text", "genre"), genre_rows)
+    _write_tsv(tmp_path / "brown_genre/dev.tsv", ("text", "genre"), [("d", "humor")])
+    phrases = [("good", "positive"), ("bad", "negative"), ("fine", "positive")]
+    _write_tsv(tmp_path / "sst2_phrases/train.tsv", ("text", "sentiment"), phrases)
+    _write_tsv(tmp_path / "sst2/dev.tsv", ("text", "sentiment"), [("ok", "positive")] * 2)
+    monkeypatch.setenv("MTL_JAX_DATA", str(tmp_path))
+
+    config = resolve_labels(real().validate())
+    train = load_task_datasets(config, tiny_backbone.tokenizer, "train")
+    dev = load_task_datasets(config, tiny_backbone.tokenizer, "dev")
+    config = resolve_class_weights(config, train)
+
+    assert len(train) == 20 + 3 and len(dev) == 1 + 2
+    balanced = [20 / (5 * counts[label]) for label in config.task("genre").labels]
+    assert config.task("genre").class_weights == pytest.approx(balanced)
+    assert config.task("sentiment").class_weights == ()  # phrases: no weighting
+    assert config.model.remat is False and config.train.freeze == "none"
