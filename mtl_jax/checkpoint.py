@@ -329,38 +329,66 @@ class Checkpointer:
                 raise errors[0]
 
 
+# Which params of a run inference reads: the newest checkpoint, the best evaluation, or the
+# mean of every checkpoint still kept in checkpoints/ (the last ``train.keep_checkpoints``).
+WHICH = ("latest", "best", "average")
+
+
+def check_which(which: str) -> None:
+    """UserError naming ``--which`` unless ``which`` is one of :data:`WHICH`."""
+    if which not in WHICH:
+        raise UserError(f"--which: expected one of {', '.join(WHICH)}, got {which!r}")
+
+
 def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, dict[str, Any]]:
-    """Params (as numpy) and meta of a run's ``latest`` or ``best`` checkpoint; no opt state."""
-    ocp = _ocp()
+    """Params (as numpy) and meta of a run's ``latest``, ``best`` or ``average`` checkpoint.
+
+    ``average`` is the element-wise mean of the params of every complete checkpoint kept in
+    ``checkpoints/`` (checkpoint averaging: the last few checkpoints of a fine-tuning run
+    lie in one basin, and their mean often generalises a little better than any one of
+    them); its meta is the newest checkpoint's plus ``averaged_steps``. No opt state.
+    """
     workdir = Path(workdir)
-    directory = workdir.absolute() / (CHECKPOINTS_DIR if which == "latest" else BEST_DIR)
-    if which not in ("latest", "best"):
-        raise UserError(f"--which: expected latest or best, got {which!r}")
+    check_which(which)
+    directory = workdir.absolute() / (BEST_DIR if which == "best" else CHECKPOINTS_DIR)
     if not directory.is_dir():
         raise UserError(f"{workdir}: no {directory.name}/ directory: the run saved no checkpoint")
-    manager = ocp.CheckpointManager(directory, item_names=("params", "meta"))
+    manager = _ocp().CheckpointManager(directory, item_names=("params", "meta"))
     try:
         step = manager.latest_step()
         if step is None:
             raise UserError(
                 f"{directory}: holds no complete checkpoint (an interrupted first save?)"
             )
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
-                ),
-            )
-        except (ValueError, OSError) as exc:
-            raise UserError(
-                f"{directory / str(step)}: cannot read this checkpoint ({_first_line(exc)}); "
-                "it is damaged or incomplete"
-            ) from exc
+        if which != "average":
+            return _restore_step(manager, directory, step)
+        steps = sorted(manager.all_steps())
+        # Summed in float64, one checkpoint read at a time.
+        total = None
+        for s in steps:
+            params, meta = _restore_step(manager, directory, s)
+            wide = jax.tree_util.tree_map(lambda x: x.astype(np.float64), params)
+            total = wide if total is None else jax.tree_util.tree_map(np.add, total, wide)
     finally:
         manager.close()
-    params = jax.tree_util.tree_map(np.asarray, restored.params)
-    return params, dict(restored.meta)
+    mean = jax.tree_util.tree_map(lambda t, x: (t / len(steps)).astype(x.dtype), total, params)
+    return mean, {**meta, "averaged_steps": steps}
+
+
+def _restore_step(manager: Any, directory: Path, step: int) -> tuple[Params, dict[str, Any]]:
+    """One checkpoint's params (numpy) and meta; UserError naming it if unreadable."""
+    ocp = _ocp()
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+    except (ValueError, OSError) as exc:
+        raise UserError(
+            f"{directory / str(step)}: cannot read this checkpoint ({_first_line(exc)}); "
+            "it is damaged or incomplete"
+        ) from exc
+    return jax.tree_util.tree_map(np.asarray, restored.params), dict(restored.meta)
 
 
 def check_params_fit(params: Params, expected: Params, source: str) -> None:

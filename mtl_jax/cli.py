@@ -23,6 +23,12 @@ from pathlib import Path
 
 from mtl_jax.errors import UserError
 
+# mtl_jax.checkpoint.WHICH, spelled out so parsing argv imports no JAX (a test keeps them equal)
+WHICH = ("latest", "best", "average")
+WHICH_HELP = (
+    "which params: the newest checkpoint, the best dev evaluation, or the mean of every "
+    "checkpoint kept in checkpoints/ (default: latest)"
+)
 SKIP_EMPTY_HELP = "drop rows with empty text (counted on stderr) instead of stopping"
 DTYPES = ("float32", "bfloat16")
 DTYPE_HELP = (
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy / macro-F1 of a checkpoint on labelled files")
     ev.add_argument("--checkpoint", required=True, help="a run directory")
     ev.add_argument("--data", action="append", required=True, metavar="TASK=FILE")
-    ev.add_argument("--which", choices=("latest", "best"), default="latest")
+    ev.add_argument("--which", choices=WHICH, default="latest", help=WHICH_HELP)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
     ev.set_defaults(func=cmd_eval)
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True, help="a run directory")
     pr.add_argument("--input", required=True, help="a .txt/.tsv/.csv/.jsonl file, or - (stdin)")
     pr.add_argument("--text-column", default="text")
-    pr.add_argument("--which", choices=("latest", "best"), default="latest")
+    pr.add_argument("--which", choices=WHICH, default="latest", help=WHICH_HELP)
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--skip-empty", action="store_true", help=SKIP_EMPTY_HELP)
     pr.add_argument("--dtype", choices=DTYPES, default=None, help=DTYPE_HELP)
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="minilm", help="minilm | tiny | a BERT directory | org/name (HF cache)"
     )
     em.add_argument("--checkpoint", help="embed with a fine-tuned run's backbone instead")
-    em.add_argument("--which", choices=("latest", "best"), default="latest")
+    em.add_argument("--which", choices=WHICH, default="latest", help=WHICH_HELP)
     em.add_argument("--layer", type=int, default=None, help="hidden-state index (default -2)")
     em.add_argument("--pooling", choices=("mean", "cls", "max"), default=None)
     em.add_argument(
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a Hugging Face / sentence-transformers model directory")
     ex.add_argument("--checkpoint", required=True, help="a run directory")
     ex.add_argument("--output", required=True, help="the directory to write")
-    ex.add_argument("--which", default="latest", help="latest | best checkpoint")
+    ex.add_argument("--which", default="latest", help=WHICH_HELP)
     ex.add_argument("--force", action="store_true", help="replace a non-empty --output")
     ex.set_defaults(func=cmd_export)
     return parser

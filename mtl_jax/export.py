@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from mtl_jax.checkpoint import check_which
 from mtl_jax.encoder import EXPORT_INFO_FILE, load_backbone, truncated_bert_config
 from mtl_jax.errors import UserError
 from mtl_jax.inference import Trained, load_trained
@@ -37,7 +38,6 @@ from mtl_jax.model_card import model_card
 from mtl_jax.safetensors_bert import pytorch_name
 from mtl_jax.trees import Params
 
-WHICH = ("latest", "best")
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_JSON = "heads.json"
 HEAD_LAYER_NORM_EPS = 1e-5  # mtl_jax.heads.MLPHead
@@ -71,7 +71,7 @@ def export_run(
     Args:
       workdir: the run directory (``mtl-jax train --workdir``).
       output: the directory to create; it must not exist or be empty, unless ``force``.
-      which: ``latest`` or ``best`` checkpoint, as ``mtl-jax eval --which``.
+      which: ``latest``, ``best`` or ``average`` checkpoint, as ``mtl-jax eval --which``.
       force: replace an existing non-empty ``output``.
 
     Returns:
@@ -81,8 +81,7 @@ def export_run(
       UserError: an unknown ``which``, a directory that is not a run, an output that exists
         (and is not empty, without ``force``) or cannot be written.
     """
-    if which not in WHICH:
-        raise UserError(f"--which: expected latest or best, got {which!r}")
+    check_which(which)
     workdir, output = Path(workdir), Path(output)
     _check_output(output, workdir, force)
     trained = load_trained(str(workdir), which)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtl_jax.checkpoint import Checkpointer, check_params_fit
+from mtl_jax.checkpoint import Checkpointer, check_params_fit, restore_params
 from mtl_jax.errors import UserError
 
 FITTING = {"backbone": {"w": np.zeros(2)}, "heads": {"genre": {"w": np.zeros(3)}}}
@@ -43,3 +43,29 @@ def test_check_params_fit_names_the_first_misfit_path(params, detail):
         "was the run directory mixed with another run?"
     )
     check_params_fit(FITTING, FITTING, "runs/x")  # a fitting tree passes
+
+
+def test_average_is_the_mean_of_the_kept_checkpoints(tmp_path):
+    """``--which average``: the element-wise mean over checkpoints/ (only the kept ones),
+    with the newest checkpoint's meta and the steps it averaged."""
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    saved = {}
+    for step in (10, 20, 30, 40):  # keep=3: step 10 is deleted
+        saved[step] = {
+            "backbone": {"w": np.full(3, step / 7, np.float32)},
+            "heads": {"genre": {"b": np.arange(2, dtype=np.float32) * step}},
+        }
+        checkpointer.save(step, saved[step], {"count": np.zeros(())}, {"step": step})
+    checkpointer.close()
+
+    params, meta = restore_params(tmp_path, "average")
+    kept = [saved[s] for s in (20, 30, 40)]
+    assert meta == {"step": 40, "averaged_steps": [20, 30, 40]}
+    w = np.mean([p["backbone"]["w"].astype(np.float64) for p in kept], axis=0)
+    np.testing.assert_allclose(params["backbone"]["w"], w, rtol=1e-7)
+    np.testing.assert_allclose(params["heads"]["genre"]["b"], [0.0, 30.0], rtol=1e-7)
+    assert params["backbone"]["w"].dtype == np.float32
+
+    latest, meta = restore_params(tmp_path, "latest")
+    assert meta == {"step": 40}
+    np.testing.assert_array_equal(latest["backbone"]["w"], saved[40]["backbone"]["w"])

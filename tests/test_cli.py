@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mtl_jax import cli
+from mtl_jax import checkpoint, cli
 from mtl_jax.checkpoint import read_config
 from mtl_jax.config import apply_overrides, load_config
 from mtl_jax.inference import SentenceEncoder, load_trained
@@ -168,6 +168,22 @@ def test_eval_matches_a_hand_computation_from_predict(trained, labelled):
     )
     assert code == 0, err
     assert set(json.loads(out)) == {"sentiment"}
+
+    # The mean of the kept checkpoints scores as its own params do: predict agrees with eval.
+    argv = ["--checkpoint", str(workdir), "--which", "average"]
+    code, out, err = run_cli(["eval", *argv, "--data", data[1]])
+    assert code == 0, err
+    averaged = json.loads(out)["sentiment"]
+    code, out, err = run_cli(["predict", *argv, "--input", str(labelled)])
+    assert code == 0, err
+    labels = TASKS["sentiment"]
+    pred = [labels.index(json.loads(line)["sentiment"]["label"]) for line in out.splitlines()]
+    truth = [labels.index(row["sentiment"]) for row in rows]
+    assert averaged["accuracy"] == pytest.approx(np.mean(np.array(truth) == np.array(pred)))
+
+
+def test_the_which_choices_are_the_checkpoint_modules():
+    assert cli.WHICH == checkpoint.WHICH
 
 
 def _each(flag: str, values: list[str]) -> list[str]:

@@ -313,7 +313,7 @@ def test_refuses_a_non_empty_output_unless_forced(run, tmp_path, capsys):
     [
         ("not_a_run", "not a run directory (no config.json)"),
         ("missing_run", "checkpoint directory not found"),
-        ("which", "--which: expected latest or best, got 'newest'"),
+        ("which", "--which: expected one of latest, best, average, got 'newest'"),
         ("under_a_file", "cannot write"),
         ("the_run_itself", "would replace the run directory"),
         ("a_file", "exists and is not a directory"),
