@@ -367,6 +367,8 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
         total = None
         for s in steps:
             params, meta = _restore_step(manager, directory, s)
+            if total is not None:  # one run's checkpoints share one tree; say so if not
+                check_params_fit(params, total, str(directory / str(s)))
             wide = jax.tree_util.tree_map(lambda x: x.astype(np.float64), params)
             total = wide if total is None else jax.tree_util.tree_map(np.add, total, wide)
     finally:
@@ -384,6 +386,11 @@ def _restore_step(manager: Any, directory: Path, step: int) -> tuple[Params, dic
             args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
         )
     except (ValueError, OSError) as exc:
+        if not (directory / str(step)).exists():  # pruned by a run that is still training
+            raise UserError(
+                f"{directory / str(step)}: removed while it was read (the run is still "
+                "training and keeps only its newest checkpoints); run the command again"
+            ) from exc
         raise UserError(
             f"{directory / str(step)}: cannot read this checkpoint ({_first_line(exc)}); "
             "it is damaged or incomplete"

@@ -120,6 +120,7 @@ def write_export(trained: Trained, directory: Path, workdir: Path, which: str) -
             "workdir": str(workdir.absolute()),
             "checkpoint": which,
             "step": trained.step,
+            **({"averaged_steps": list(trained.averaged_steps)} if trained.averaged_steps else {}),
             "backbone": config.model.backbone,
             "layer": config.model.layer,
             "backbone_layers": full_layers,

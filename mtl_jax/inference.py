@@ -106,6 +106,7 @@ class Trained:
     params: Params
     tokenizer: Any
     step: int
+    averaged_steps: tuple[int, ...] = ()  # --which average: the checkpoints meaned
 
     def with_dtype(self, dtype: str | None) -> Trained:
         """The same run computing in ``dtype`` (e.g. ``"bfloat16"`` for faster inference on
@@ -139,7 +140,8 @@ def load_trained(workdir: str, which: str = "latest") -> Trained:
     params = {k: v for k, v in params.items() if k in ("backbone", "heads")}
     check_params_fit(params, expected, str(workdir))
     check_label_stamp(meta, run.config, workdir)
-    return Trained(run.config, model, params, run.tokenizer, int(meta.get("step", 0)))
+    averaged = tuple(int(s) for s in meta.get("averaged_steps", ()))
+    return Trained(run.config, model, params, run.tokenizer, int(meta.get("step", 0)), averaged)
 
 
 def predict_texts(

@@ -50,15 +50,14 @@ def model_card(config: Config, info: dict[str, Any], heads: dict[str, Any], work
         f"- **Sentence embedding**: {emb['pooling']} pooling"
         + (", L2-normalised" if emb["normalize"] else "")
         + f", {heads['input_dim']} dimensions, at most {emb['max_length']} tokens.",
-        f"- **Checkpoint**: the `{run['checkpoint']}` one, step {run['step']}, of the run "
-        f"`{run['workdir']}`.",
+        f"- **Checkpoint**: {_checkpoint_words(run)} of the run `{run['workdir']}`.",
         f"- **Pooler** (`BertModel.pooler`, not part of the embedding): {info['pooler']}.",
         "",
         "## Tasks",
         "",
         *_task_lines(config, heads),
         "",
-        *_score_lines(workdir, run["step"], config),
+        *_score_lines(workdir, run["step"], config, averaged="averaged_steps" in run),
         "",
         "## Use it",
         "",
@@ -93,14 +92,27 @@ def _task_lines(config: Config, heads: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _score_lines(workdir: Path, step: int, config: Config) -> list[str]:
+def _checkpoint_words(run: dict[str, Any]) -> str:
+    if "averaged_steps" in run:
+        steps = ", ".join(str(s) for s in run["averaged_steps"])
+        return f"the mean of the params of the checkpoints at steps {steps} (`average`)"
+    return f"the `{run['checkpoint']}` one, step {run['step']},"
+
+
+def _score_lines(workdir: Path, step: int, config: Config, averaged: bool = False) -> list[str]:
     at, scores = dev_scores(workdir, step, config.task_names)
     if at is None:
         return ["## Dev scores", "", "The run recorded no dev evaluation up to this step."]
+    source = (
+        f"the dev evaluation of the newest single checkpoint (step {at}), not of the average "
+        "exported here (`mtl-jax eval --which average` scores that)"
+        if averaged
+        else f"the dev evaluation at step {at}"
+    )
     lines = [
         "## Dev scores",
         "",
-        f"From the run's `metrics.jsonl`, the dev evaluation at step {at}:",
+        f"From the run's `metrics.jsonl`, {source}:",
         "",
         "| task | " + " | ".join(SCORES) + " |",
         "|---|" + "---|" * len(SCORES),

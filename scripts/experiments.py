@@ -36,12 +36,12 @@ FROZEN = (
     "train.head_learning_rate=1e-3",
 )
 BALANCED = 'tasks.genre.class_weighting="balanced"'
-DATA_DIR = os.environ.get("MTL_JAX_DATA", "../shared/data")
+DATA_DIR = Path(os.environ.get("MTL_JAX_DATA") or "../shared/data")  # as presets.real reads it
 # The `real` preset as it was before round 3 (SST-2 sentences, backbone lr 2e-5, 3 epochs,
 # remat on): every study row starts from it, so each row's command still trains what it
 # trained when its numbers were measured, whatever the preset becomes.
 ROUND1_PRESET = (
-    f'tasks.sentiment.train_file="{DATA_DIR}/sst2/train.tsv"',
+    f'tasks.sentiment.train_file="{DATA_DIR / "sst2" / "train.tsv"}"',
     'tasks.genre.class_weighting="none"',
     'data.mixing="proportional"',
     "model.remat=true",
@@ -60,7 +60,7 @@ def real(*sets: str, tasks: str = "") -> list[str]:
 # The model-quality study: sentiment on GLUE's 67k SST-2 phrases (scored on the same
 # sentence dev set), one lever at a time against the "phrases-multi" baseline.
 PHRASES = (
-    f'tasks.sentiment.train_file="{DATA_DIR}/sst2_phrases/train.tsv"',
+    f'tasks.sentiment.train_file="{DATA_DIR / "sst2_phrases" / "train.tsv"}"',
     "train.epochs=1",
     "train.learning_rate=3e-5",
     "train.warmup_steps=200",

@@ -67,6 +67,16 @@ def test_bench_config_is_the_baselines_optimiser():
     assert [t.name for t in config.tasks] == ["genre", "sentiment"]
 
 
+def test_real_stream_reads_the_baselines_files_not_the_presets():
+    """pt_realdata.py trains on the SST-2 sentences, unweighted, whatever `real` becomes."""
+    config = bench.bench_config(backbone="tiny", data_dir="data")
+    files = {t.name: (t.train_file, t.dev_file, t.class_weighting) for t in config.tasks}
+    assert files == {
+        "genre": ("data/brown_genre/train.tsv", "data/brown_genre/dev.tsv", "none"),
+        "sentiment": ("data/sst2/train.tsv", "data/sst2/dev.tsv", "none"),
+    }
+
+
 def test_subset_keeps_rows_aligned(tiny_config, tiny_backbone):
     from mtl_jax.data import dataset_from_rows
 

@@ -69,3 +69,13 @@ def test_average_is_the_mean_of_the_kept_checkpoints(tmp_path):
     latest, meta = restore_params(tmp_path, "latest")
     assert meta == {"step": 40}
     np.testing.assert_array_equal(latest["backbone"]["w"], saved[40]["backbone"]["w"])
+
+
+def test_average_refuses_checkpoints_of_different_shapes(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    for step, n in ((10, 3), (20, 4)):
+        params = {"backbone": {"w": np.zeros(n, np.float32)}}
+        checkpointer.save(step, params, {"count": np.zeros(())}, {"step": step})
+    checkpointer.close()
+    with pytest.raises(UserError, match=r"checkpoints/20: .*shape of \['backbone'\]\['w'\]"):
+        restore_params(tmp_path, "average")

@@ -180,6 +180,9 @@ def test_eval_matches_a_hand_computation_from_predict(trained, labelled):
     pred = [labels.index(json.loads(line)["sentiment"]["label"]) for line in out.splitlines()]
     truth = [labels.index(row["sentiment"]) for row in rows]
     assert averaged["accuracy"] == pytest.approx(np.mean(np.array(truth) == np.array(pred)))
+    # This run kept one checkpoint: its mean is that checkpoint, bit for bit.
+    assert [p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] == ["16"]
+    assert averaged == scores["sentiment"]
 
 
 def test_the_which_choices_are_the_checkpoint_modules():

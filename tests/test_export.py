@@ -21,7 +21,12 @@ from safetensors.numpy import load_file
 from mtl_jax import cli, export
 from mtl_jax.checkpoint import Checkpointer, write_run_files
 from mtl_jax.config import Config, ModelConfig, default_tasks
-from mtl_jax.encoder import embedding_defaults, load_backbone, truncated_bert_config
+from mtl_jax.encoder import (
+    EXPORT_INFO_FILE,
+    embedding_defaults,
+    load_backbone,
+    truncated_bert_config,
+)
 from mtl_jax.errors import UserError
 from mtl_jax.heads import TaskHeads
 from mtl_jax.inference import SentenceEncoder, load_trained
@@ -283,6 +288,14 @@ def test_model_card_names_backbone_tasks_scores_and_loading(run, exported, tmp_p
     card = (best / "README.md").read_text()
     assert "the dev evaluation at step 8" in card and "| genre | 0.5000 | 0.2500 |" in card
     assert "the `best` one, step 8" in card
+
+    average = tmp_path / "average"
+    assert export.export_run(run, average, which="average").step == LATEST
+    card = (average / "README.md").read_text()
+    assert f"the mean of the params of the checkpoints at steps {LATEST} (`average`)" in card
+    assert f"newest single checkpoint (step {LATEST}), not of the average" in card
+    info = json.loads((average / EXPORT_INFO_FILE).read_text())["run"]
+    assert info["checkpoint"] == "average" and info["averaged_steps"] == [LATEST]
 
 
 # -- refusals ---------------------------------------------------------------------------------
