@@ -82,6 +82,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params and optimiser state stay float32
     backbone_dropout: bool = True  # dropout inside BERT while training (off = deterministic)
     remat: bool = True  # checkpoint encoder layers: ~30 % less training memory (mtl_jax.remat)
+    remat_min_length: int = 64  # only batches padded to >= this many tokens recompute
 
     def validate(self) -> None:
         _check_fields(
@@ -91,6 +92,7 @@ class ModelConfig:
                 ("pooling", self.pooling in POOLINGS, f"one of {POOLINGS}"),
                 ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
                 ("max_length", self.max_length >= 2, "an integer >= 2"),
+                ("remat_min_length", self.remat_min_length >= 1, "an integer >= 1"),
                 ("backbone", bool(self.backbone), '"minilm", "tiny" or a directory'),
             ],
         )

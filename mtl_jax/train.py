@@ -236,9 +236,54 @@ def make_train_step(
     Batch keys other than the forward's inputs, ``labels`` and ``valid`` are dropped
     before the jitted call.
     """
+    if forward is None and step_remats(config):
+        return LengthSplitStep(
+            min_length=config.model.remat_min_length,
+            short=make_train_step(model.clone(remat=False), optimizer, plain_config(config)),
+            long=make_train_step(model, optimizer, config, model_forward(model, config)),
+        )
     forward = forward or model_forward(model, config)
     step = build_train_step(forward, optimizer, config)
     return jit_train_step(step, forward.step_keys, step_compiler_options(config))
+
+
+def step_remats(config: Config, length: int | None = None) -> bool:
+    """Whether the train step rematerialises the backbone (for batches ``length`` long).
+
+    Only batches padded to ``model.remat_min_length`` tokens or more are: the peak is set by
+    the longest batches, and below 64 tokens a plain step's activations are already smaller
+    than a rematerialised step's at 128, while recomputing costs up to 40 % of a short step.
+    """
+    at_length = length is None or length >= config.model.remat_min_length
+    return config.model.remat and backbone_trainable(config.train) and at_length
+
+
+def plain_config(config: Config) -> Config:
+    """``config`` with ``model.remat`` off: the step short batches take."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, remat=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthSplitStep:
+    """A train step that sends batches padded to ``min_length`` tokens or more to ``long``
+    (rematerialised, memory-optimised schedule) and shorter ones to ``short`` (plain).
+
+    Same calling convention, state and numbers as either step alone; each bucket length
+    compiles once, in the one it takes.
+    """
+
+    min_length: int
+    short: JittedStep
+    long: JittedStep
+
+    def pick(self, batch: Batch) -> JittedStep:
+        return self.long if batch["input_ids"].shape[1] >= self.min_length else self.short
+
+    def __call__(self, state: TrainState, batch: Batch, key: jax.Array):
+        return self.pick(batch)(state, batch, key)
+
+    def trace(self, state: TrainState, batch: Batch, key: jax.Array):
+        return self.pick(batch).trace(state, batch, key)
 
 
 def train_compiler_options(remat: bool) -> dict[str, Any] | None:
@@ -253,14 +298,14 @@ def train_compiler_options(remat: bool) -> dict[str, Any] | None:
 def step_compiler_options(config: Config) -> dict[str, Any] | None:
     """The train step's XLA options for a config: the memory schedule only pays where a
     backbone backward pass is rematerialised."""
-    return train_compiler_options(config.model.remat and backbone_trainable(config.train))
+    return train_compiler_options(step_remats(config))
 
 
 def jit_train_step(
     train_step: Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]],
     keys: tuple[str, ...] = STEP_KEYS,
     compiler_options: dict[str, Any] | None = None,
-) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+) -> JittedStep:
     """Jit a pure train step with the state donated, behind a filter of the batch's keys.
 
     Split from :func:`make_train_step` so a test can wrap the pure step (e.g. in
@@ -268,11 +313,22 @@ def jit_train_step(
     ``compiler_options`` go to XLA (e.g. :func:`train_compiler_options`).
     """
     jitted = jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options)
+    return JittedStep(jitted, keys)
 
-    def step(state: TrainState, batch: Batch, key: jax.Array):
-        return jitted(state, step_inputs(batch, keys), key)
 
-    return step
+@dataclasses.dataclass(frozen=True)
+class JittedStep:
+    """A jitted train step behind a filter of the batch's keys; ``trace`` gives its program
+    (``.jaxpr``, ``.lower().compile()``) for a batch without running it."""
+
+    jitted: Any  # jax.jit(pure step, donate_argnums=0, compiler_options=...)
+    keys: tuple[str, ...] = STEP_KEYS
+
+    def __call__(self, state: TrainState, batch: Batch, key: jax.Array):
+        return self.jitted(state, step_inputs(batch, self.keys), key)
+
+    def trace(self, state: TrainState, batch: Batch, key: jax.Array):
+        return self.jitted.trace(state, step_inputs(batch, self.keys), key)
 
 
 def build_eval_step(forward: Forward) -> Callable[[Any, Batch], dict[str, jax.Array]]:

@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="minilm", help="minilm | tiny | a BERT directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--remat", action="store_true", help="model.remat: checkpointed layers")
+    p.add_argument(
+        "--remat-min-length", type=int, default=64, help="model.remat_min_length (1: every batch)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, nargs="+", default=[64, 128], help="train suite")
     p.add_argument("--max-length", type=int, default=128)
@@ -188,6 +191,7 @@ def make_options(args: argparse.Namespace, data_dir: str, profile: tuple[int, in
         backbone_eval=args.backbone_eval,
         dtype=args.dtype,
         remat=args.remat,
+        remat_min_length=args.remat_min_length,
         batch_size=args.batch,
         seq_lens=tuple(args.seq_len),
         max_length=args.max_length,

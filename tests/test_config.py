@@ -78,6 +78,7 @@ def test_bad_overrides_name_the_key(override, message):
         ({"train": {"freeze": "some"}}, "train.freeze"),
         ({"train": {"freeze": "head:topic"}}, "train.freeze"),
         ({"model": {"pooling": "sum"}}, "model.pooling"),
+        ({"model": {"remat_min_length": 0}}, "model.remat_min_length"),
         ({"data": {"length_buckets": [64, 32]}}, "data.length_buckets"),
         ({"train": {"layer_lr_decay": 0}}, "train.layer_lr_decay"),
         ({"tasks": {"class_weighting": "inverse"}}, "tasks.genre.class_weighting"),

@@ -13,10 +13,13 @@ from mtl_jax import remat as remat_lib
 from mtl_jax.config import TrainConfig
 from mtl_jax.model import build_model, init_params
 from mtl_jax.train import (
+    LengthSplitStep,
     build_train_step,
     create_train_state,
+    make_train_step,
     model_forward,
     step_inputs,
+    step_remats,
     train_compiler_options,
 )
 
@@ -98,6 +101,56 @@ def test_remat_halves_minilms_step_memory(minilm_backbone, tiny_config):
         ).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.5 * temp[False]  # measured: 581 MB against 1,599 MB
+
+
+def _checkpoints(step, state, batch) -> int:
+    """How many ``jax.checkpoint`` regions the program ``step`` runs on ``batch`` has."""
+    jaxpr = step.trace(state, batch, jax.random.key(0)).jaxpr
+    return sum(e.primitive.name in CHECKPOINT for e in _equations(jaxpr.jaxpr))
+
+
+def test_only_batches_from_remat_min_length_are_rematerialised(
+    tiny_config, tiny_backbone, tiny_params
+):
+    """Short batches take the plain step (same numbers, no recomputation); long ones the
+    checkpointed step; the split step's results equal a plain step's at both lengths."""
+    config, _, state, _ = _parts(tiny_config, tiny_backbone, tiny_params, remat=True)
+    config = replace_model(config, remat_min_length=16)
+    model = build_model(config, tiny_backbone)
+    optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=10)
+    split = make_train_step(model, optimizer, config)
+    assert isinstance(split, LengthSplitStep) and split.min_length == 16
+    plain_config = replace_model(config, remat=False)
+    plain = make_train_step(build_model(plain_config, tiny_backbone), optimizer, plain_config)
+    n_layers = model.n_layers
+    for seq, remat in ((8, False), (15, False), (16, True), (24, True)):
+        batch = make_fake_batch(config, batch=4, seq=seq)
+        assert step_remats(config, seq) is remat
+        chosen = split.pick(batch)
+        assert chosen is (split.long if remat else split.short)
+        assert _checkpoints(chosen, state, batch) == (n_layers if remat else 0)
+        new, metrics = split(create_train_state(tiny_params, optimizer), batch, jax.random.key(3))
+        ref, ref_metrics = plain(
+            create_train_state(tiny_params, optimizer), batch, jax.random.key(3)
+        )
+        assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(new.params), strict=True):
+            if remat:  # Adam's normalised update magnifies last-bit gradient differences
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=5e-6)
+            else:  # the plain program itself
+                np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+def test_no_split_without_a_trainable_backbone_or_remat(tiny_config, tiny_backbone, tiny_params):
+    config, _, _, _ = _parts(tiny_config, tiny_backbone, tiny_params, remat=True)
+    optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=10)
+    model = build_model(config, tiny_backbone)
+    assert isinstance(make_train_step(model, optimizer, config), LengthSplitStep)
+    frozen = dataclasses.replace(config, train=dataclasses.replace(config.train, freeze="backbone"))
+    off = replace_model(config, remat=False)
+    for other in (frozen, off):
+        assert not step_remats(other, 128)
+        assert not isinstance(make_train_step(model, optimizer, other), LengthSplitStep)
 
 
 def test_compiler_options_only_with_remat():

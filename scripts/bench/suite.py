@@ -30,6 +30,7 @@ class Options:
     backbone_eval: bool = False
     dtype: str = "float32"
     remat: bool = False
+    remat_min_length: int = 64
     batch_size: int = 32
     seq_lens: tuple[int, ...] = (64, 128)
     max_length: int = 128
@@ -54,6 +55,7 @@ class Options:
             "backbone_eval": self.backbone_eval,
             "dtype": self.dtype,
             "remat": self.remat,
+            "remat_min_length": self.remat_min_length,
             "max_length": self.max_length,
             "batch_size": self.batch_size,
             "buckets": self.buckets,
@@ -114,6 +116,7 @@ class Suite:
             "model": self.opts.backbone,
             "dtype": config.model.dtype,
             "remat": config.model.remat,
+            "remat_min_length": config.model.remat_min_length,
             "backbone_dropout": config.model.backbone_dropout,
             "device": device_name(),
             "peak_gflops": self.peak,

@@ -19,7 +19,7 @@ import numpy as np
 
 from mtl_jax import data as data_lib
 from mtl_jax.config import Config, DataConfig, ModelConfig, TrainConfig, default_tasks
-from mtl_jax.train import build_train_step, model_forward, step_compiler_options, step_inputs
+from mtl_jax.train import make_train_step
 
 BASELINE_LR = 2e-5
 BASELINE_WEIGHT_DECAY = 0.01
@@ -39,6 +39,7 @@ def bench_config(
     buckets: Sequence[int] | None = None,
     data_dir: str | None = None,
     remat: bool = False,
+    remat_min_length: int = 64,
 ) -> Config:
     """The PyTorch baseline's settings as a :class:`Config`.
 
@@ -53,6 +54,7 @@ def bench_config(
         dtype=dtype,
         backbone_dropout=not backbone_eval,
         remat=remat,
+        remat_min_length=remat_min_length,
     )
     train = TrainConfig(
         freeze=freeze,
@@ -124,14 +126,8 @@ def step_memory_mb(model: Any, optimizer: Any, config: Config, state: Any, batch
     allocates while running (activations kept for the backward pass, gradients, the
     update). Peak RSS minus these is the runtime, the libraries and the host-side data.
     """
-    forward = model_forward(model, config)
-    step = jax.jit(
-        build_train_step(forward, optimizer, config),
-        donate_argnums=0,
-        compiler_options=step_compiler_options(config),  # as the library's train step
-    )
-    inputs = step_inputs(batch, forward.step_keys)
-    compiled = step.lower(state, inputs, jax.random.key(0)).compile()
+    step = make_train_step(model, optimizer, config)  # the library's, remat split included
+    compiled = step.trace(state, batch, jax.random.key(0)).lower().compile()
     analysis = compiled.memory_analysis()
     if analysis is None:  # not every backend reports
         return {}
