@@ -234,7 +234,8 @@ def make_train_step(
     applied and only flagged: the fit loop raises on ``finite == False``.
 
     Batch keys other than the forward's inputs, ``labels`` and ``valid`` are dropped
-    before the jitted call.
+    before the jitted call. With ``model.remat`` and a backbone that trains, the step is a
+    :class:`LengthSplitStep`: only long batches pay for the recomputation.
     """
     if forward is None and step_remats(config):
         return LengthSplitStep(
