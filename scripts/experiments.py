@@ -96,8 +96,15 @@ ROWS = {
     "best-temperature": real(*BEST, 'data.mixing="temperature"'),
     "best-sentiment-only": real(*BEST, tasks="sentiment"),
     "best-genre-only": real(*BEST, tasks="genre"),
+    # Round 3, second step: against best-balanced (the lever kept above).
+    "best-balanced-llrd": real(*BEST, BALANCED, "train.layer_lr_decay=0.8"),
+    "best-balanced-lr2e-4": real(*BEST, BALANCED, "train.learning_rate=2e-4"),
+    "best-balanced-genre-dropout": real(*BEST, BALANCED, "tasks.genre.dropout=0.3"),
     # The recipe itself: `mtl-jax train --preset real`, nothing overridden.
     "real": preset(),
+    # Multi- against single-task at the preset's budget (4 epochs of each task's data).
+    "real-sentiment-only": preset(tasks="sentiment"),
+    "real-genre-only": preset(tasks="genre"),
 }
 
 
