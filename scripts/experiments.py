@@ -100,6 +100,7 @@ ROWS = {
     "best-balanced-llrd": real(*BEST, BALANCED, "train.layer_lr_decay=0.8"),
     "best-balanced-lr2e-4": real(*BEST, BALANCED, "train.learning_rate=2e-4"),
     "best-balanced-genre-dropout": real(*BEST, BALANCED, "tasks.genre.dropout=0.3"),
+    "best-balanced-genre-weight2": real(*BEST, BALANCED, "tasks.genre.loss_weight=2.0"),
     # The recipe itself: `mtl-jax train --preset real`, nothing overridden.
     "real": preset(),
     # Multi- against single-task at the preset's budget (4 epochs of each task's data).
