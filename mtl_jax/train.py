@@ -238,12 +238,17 @@ def make_train_step(
     :class:`LengthSplitStep`: only long batches pay for the recomputation.
     """
     if forward is None and step_remats(config):
+        plain = plain_config(config)
         return LengthSplitStep(
             min_length=config.model.remat_min_length,
-            short=make_train_step(model.clone(remat=False), optimizer, plain_config(config)),
-            long=make_train_step(model, optimizer, config, model_forward(model, config)),
+            short=_jit_over(model_forward(model.clone(remat=False), plain), optimizer, plain),
+            long=_jit_over(model_forward(model, config), optimizer, config),
         )
-    forward = forward or model_forward(model, config)
+    return _jit_over(forward or model_forward(model, config), optimizer, config)
+
+
+def _jit_over(forward: Forward, optimizer: optax.GradientTransformation, config: Config):
+    """The jitted train step over one forward, with the config's XLA options."""
     step = build_train_step(forward, optimizer, config)
     return jit_train_step(step, forward.step_keys, step_compiler_options(config))
 

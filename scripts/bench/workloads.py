@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 
 from mtl_jax import data as data_lib
 from mtl_jax.config import Config, DataConfig, ModelConfig, TrainConfig, default_tasks
+from mtl_jax.presets import data_folder_tasks
 from mtl_jax.train import make_train_step
 
 BASELINE_LR = 2e-5
@@ -75,16 +75,7 @@ def baseline_tasks(data_dir: str) -> tuple:
     """Genre on Brown and sentiment on the 6,920 SST-2 *sentences*, unweighted: the files
     ``../shared/bench/realdata.py`` reads, pinned here rather than taken from the ``real``
     preset, whose recipe moves on (it trains on the 67k phrases since round 3)."""
-    genre, sentiment = default_tasks()
-    files = {"genre": "brown_genre", "sentiment": "sst2"}
-    return tuple(
-        dataclasses.replace(
-            task,
-            train_file=str(Path(data_dir) / files[task.name] / "train.tsv"),
-            dev_file=str(Path(data_dir) / files[task.name] / "dev.tsv"),
-        )
-        for task in (genre, sentiment)
-    )
+    return data_folder_tasks(data_dir, sentiment_train="sst2")
 
 
 def random_batch(config: Config, batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
