@@ -40,6 +40,7 @@ BERT_CONFIG_FILE = "bert_config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
+EMA_ITEM = "ema"  # a checkpoint's EMA of the params (train.ema_decay > 0)
 
 # Orbax logs every save at INFO; keep the user's terminal for the progress bar.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -231,7 +232,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, cleanup_tmp_directories=True
             ),
-            item_names=("params", "opt_state", "meta"),
+            item_names=("params", "opt_state", "meta", EMA_ITEM),
         )
         self._best = ocp.CheckpointManager(
             self.workdir / BEST_DIR,
@@ -248,18 +249,26 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
-    def save(self, step: int, params: Params, opt_state: Any, meta: dict[str, Any]) -> None:
+    def save(
+        self,
+        step: int,
+        params: Params,
+        opt_state: Any,
+        meta: dict[str, Any],
+        ema: Params | None = None,
+    ) -> None:
+        """A training checkpoint; ``ema`` (the params' moving average, also inside
+        ``opt_state``) is written as its own item too, the one inference then reads."""
         ocp = _ocp()
+        items = {
+            "params": ocp.args.StandardSave(params),
+            "opt_state": ocp.args.StandardSave(opt_state),
+            "meta": ocp.args.JsonSave({**meta, **self.stamp}),
+        }
+        if ema is not None:
+            items[EMA_ITEM] = ocp.args.StandardSave(ema)
         with _writing(self.workdir / CHECKPOINTS_DIR):
-            self._latest.save(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(params),
-                    opt_state=ocp.args.StandardSave(opt_state),
-                    meta=ocp.args.JsonSave({**meta, **self.stamp}),
-                ),
-                force=True,
-            )
+            self._latest.save(step, args=ocp.args.Composite(**items), force=True)
 
     def forget_best_after(self, step: int) -> None:
         """Drop best checkpoints newer than a resumed step: the rerun evaluates them again.
@@ -343,6 +352,9 @@ def check_which(which: str) -> None:
 def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, dict[str, Any]]:
     """Params (as numpy) and meta of a run's ``latest``, ``best`` or ``average`` checkpoint.
 
+    For a run trained with ``train.ema_decay`` these are the EMA weights, the ones its
+    evaluations scored (``best/`` holds only those); meta then says ``"weights": "ema"``.
+
     ``average`` is the element-wise mean of the params of every complete checkpoint kept in
     ``checkpoints/`` (checkpoint averaging: the last few checkpoints of a fine-tuning run
     lie in one basin, and their mean often generalises a little better than any one of
@@ -353,7 +365,7 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
     directory = workdir.absolute() / (BEST_DIR if which == "best" else CHECKPOINTS_DIR)
     if not directory.is_dir():
         raise UserError(f"{workdir}: no {directory.name}/ directory: the run saved no checkpoint")
-    manager = _ocp().CheckpointManager(directory, item_names=("params", "meta"))
+    manager = _ocp().CheckpointManager(directory, item_names=("params", "meta", EMA_ITEM))
     try:
         step = manager.latest_step()
         if step is None:
@@ -380,10 +392,13 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
 def _restore_step(manager: Any, directory: Path, step: int) -> tuple[Params, dict[str, Any]]:
     """One checkpoint's params (numpy) and meta; UserError naming it if unreadable."""
     ocp = _ocp()
+    item = EMA_ITEM if (directory / str(step) / EMA_ITEM).is_dir() else "params"
     try:
         restored = manager.restore(
             step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore()}, meta=ocp.args.JsonRestore()
+            ),
         )
     except (ValueError, OSError) as exc:
         if not (directory / str(step)).exists():  # pruned by a run that is still training
@@ -395,7 +410,8 @@ def _restore_step(manager: Any, directory: Path, step: int) -> tuple[Params, dic
             f"{directory / str(step)}: cannot read this checkpoint ({_first_line(exc)}); "
             "it is damaged or incomplete"
         ) from exc
-    return jax.tree_util.tree_map(np.asarray, restored.params), dict(restored.meta)
+    meta = dict(restored.meta) | ({"weights": "ema"} if item == EMA_ITEM else {})
+    return jax.tree_util.tree_map(np.asarray, restored[item]), meta
 
 
 def check_params_fit(params: Params, expected: Params, source: str) -> None:

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_jax.config import FreezeSpec, TrainConfig
+from mtl_jax.ema import params_ema
 from mtl_jax.errors import UserError
 from mtl_jax.gate import GateState, hold_until, unfreeze_gate
 from mtl_jax.trees import Params
@@ -312,6 +313,8 @@ def make_optimizer(
     matrices only, inside the branch so a frozen group is never decayed) with a warm-up and
     decay schedule scaled by the group's peak rate when it trains; and the same wrapped in
     :func:`hold_until` when it starts later. All groups follow one global schedule clock.
+    With ``train.ema_decay > 0`` it is chained with :func:`mtl_jax.ema.params_ema`, whose
+    state holds the params' moving average.
 
     Args:
         train_cfg: rates, decay, schedule, clip and freezing strategy.
@@ -322,7 +325,9 @@ def make_optimizer(
         rules: the parameter group rules.
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs``; its state is a :class:`GateState`.
+        An ``optax.GradientTransformationExtraArgs``; its state is a :class:`GateState`
+        (``(GateState, EmaState)`` with an EMA; find them with :func:`find_gate_state` and
+        :func:`mtl_jax.ema.find_ema`).
     """
     groups = param_groups(params, rules)
     names = group_names(groups)
@@ -345,7 +350,10 @@ def make_optimizer(
         )
         transforms[group] = hold_until(tx, start) if start > 0 else tx
     inner = optax.multi_transform(transforms, groups)
-    return unfreeze_gate(inner, groups, starts, clip_norm=train_cfg.grad_clip)
+    gated = unfreeze_gate(inner, groups, starts, clip_norm=train_cfg.grad_clip)
+    if train_cfg.ema_decay > 0:
+        return optax.chain(gated, params_ema(train_cfg.ema_decay))
+    return gated
 
 
 def find_gate_state(opt_state: Any) -> GateState | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from mtl_jax import parallel
 from mtl_jax.checkpoint import Checkpointer
+from mtl_jax.ema import eval_params, find_ema
 from mtl_jax.evaluate import Scores, evaluate_dataset, score_of, weighted_loss
 from mtl_jax.metrics_log import MetricsLogger, NoLogger, Window
 from mtl_jax.run_setup import Run
@@ -181,13 +182,14 @@ class EvalHook(Hook):
         if self.run.data.dev is None or not (info.step % self.every == 0 or info.epoch_end):
             return None
         run, config = self.run, self.run.config
-        scores = evaluate_dataset(
-            run.eval_step, info.state.params, run.data.dev, config, run.eval_batch
-        )
+        params = eval_params(info.state.params, info.state.opt_state)  # the EMA if kept
+        scores = evaluate_dataset(run.eval_step, params, run.data.dev, config, run.eval_batch)
         self.logger.log(info.step, info.epoch, "dev", weighted_loss(scores, config), scores)
         if self.tracker.update(score_of(scores, config.train.best_metric)):
             meta = {"step": info.step, "scores": scores}
-            params = parallel.host_copy(info.state.params)
+            if params is not info.state.params:
+                meta["weights"] = "ema"
+            params = parallel.host_copy(params)
             run.checkpointer.save_best(info.step, params, meta, self.tracker.best)
         self.last = scores
         return "early_stopping" if self.tracker.should_stop else None
@@ -219,7 +221,8 @@ class CheckpointHook(Hook):
         # numpy, so a checkpoint holds no device layout and restores on any mesh.
         params = parallel.host_copy(info.state.params)
         opt_state = parallel.host_copy(info.state.opt_state)
-        self.checkpointer.save(info.step, params, opt_state, meta)
+        ema = find_ema(opt_state)  # also its own item, which inference reads
+        self.checkpointer.save(info.step, params, opt_state, meta, ema=ema)
 
     def close(self) -> None:
         self.checkpointer.close()  # waits for the last save; raises if a write failed
