@@ -5,7 +5,8 @@ Layout of ``<workdir>``::
     config.json          the resolved config (labels included) that built the params
     bert_config.json     the backbone architecture, so a restore needs no pretrained weights
     tokenizer/           the backbone's tokenizer files
-    checkpoints/<step>/  params, opt_state, meta (step, data position, rng seed): last K kept
+    checkpoints/<step>/  params, opt_state, meta (step, data position, rng seed), and ema
+                         (the params' EMA, with train.ema_decay): last K kept
     best/<step>/         params and meta of the best evaluation so far
     metrics.jsonl        one JSON object per log or eval event
     tensorboard/         event files
@@ -32,6 +33,7 @@ import jax
 import numpy as np
 
 from mtl_jax.config import Config
+from mtl_jax.ema import find_ema, with_ema
 from mtl_jax.errors import UserError
 from mtl_jax.trees import Params, tree_diff
 
@@ -249,20 +251,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
-    def save(
-        self,
-        step: int,
-        params: Params,
-        opt_state: Any,
-        meta: dict[str, Any],
-        ema: Params | None = None,
-    ) -> None:
-        """A training checkpoint; ``ema`` (the params' moving average, also inside
-        ``opt_state``) is written as its own item too, the one inference then reads."""
+    def save(self, step: int, params: Params, opt_state: Any, meta: dict[str, Any]) -> None:
+        """A training checkpoint. An EMA of the params in ``opt_state`` is written once, as
+        its own item: the weights inference reads (:func:`restore_params`)."""
         ocp = _ocp()
+        ema = find_ema(opt_state)
         items = {
             "params": ocp.args.StandardSave(params),
-            "opt_state": ocp.args.StandardSave(opt_state),
+            "opt_state": ocp.args.StandardSave(with_ema(opt_state, None)),
             "meta": ocp.args.JsonSave({**meta, **self.stamp}),
         }
         if ema is not None:
@@ -302,15 +298,23 @@ class Checkpointer:
         """
         ocp = _ocp()
         source = self.workdir / CHECKPOINTS_DIR / str(step)
-        try:
-            restored = self._latest.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_params),
-                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                    meta=ocp.args.JsonRestore(),
-                ),
+        abstract_ema = find_ema(abstract_opt_state)
+        saved_ema = (source / EMA_ITEM).is_dir()
+        if saved_ema != (abstract_ema is not None):
+            trained, now = ("with", "0") if saved_ema else ("without", "set")
+            raise UserError(
+                f"{source}: trained {trained} an EMA of the params, but train.ema_decay is "
+                f"now {now}: set it back to the run's value or use a new --workdir"
             )
+        items = {
+            "params": ocp.args.StandardRestore(abstract_params),
+            "opt_state": ocp.args.StandardRestore(with_ema(abstract_opt_state, None)),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if saved_ema:
+            items[EMA_ITEM] = ocp.args.StandardRestore(abstract_ema)
+        try:
+            restored = self._latest.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, OSError) as exc:
             raise UserError(
                 f"{source}: cannot resume from this checkpoint ({_first_line(exc)}); it is "
@@ -318,7 +322,10 @@ class Checkpointer:
             ) from exc
         if self.config is not None:
             check_label_stamp(dict(restored.meta), self.config, source)
-        return restored.params, restored.opt_state, restored.meta
+        opt_state = restored.opt_state
+        if saved_ema:
+            opt_state = with_ema(opt_state, restored[EMA_ITEM])
+        return restored.params, opt_state, restored.meta
 
     def close(self) -> None:
         """Wait for pending writes and release both managers, even after a failed write."""

@@ -121,6 +121,7 @@ def write_export(trained: Trained, directory: Path, workdir: Path, which: str) -
             "checkpoint": which,
             "step": trained.step,
             **({"averaged_steps": list(trained.averaged_steps)} if trained.averaged_steps else {}),
+            "weights": trained.weights,
             "backbone": config.model.backbone,
             "layer": config.model.layer,
             "backbone_layers": full_layers,

@@ -16,7 +16,7 @@ from typing import Any
 
 from mtl_jax import parallel
 from mtl_jax.checkpoint import Checkpointer
-from mtl_jax.ema import eval_params, find_ema
+from mtl_jax.ema import eval_params
 from mtl_jax.evaluate import Scores, evaluate_dataset, score_of, weighted_loss
 from mtl_jax.metrics_log import MetricsLogger, NoLogger, Window
 from mtl_jax.run_setup import Run
@@ -221,8 +221,7 @@ class CheckpointHook(Hook):
         # numpy, so a checkpoint holds no device layout and restores on any mesh.
         params = parallel.host_copy(info.state.params)
         opt_state = parallel.host_copy(info.state.opt_state)
-        ema = find_ema(opt_state)  # also its own item, which inference reads
-        self.checkpointer.save(info.step, params, opt_state, meta, ema=ema)
+        self.checkpointer.save(info.step, params, opt_state, meta)
 
     def close(self) -> None:
         self.checkpointer.close()  # waits for the last save; raises if a write failed

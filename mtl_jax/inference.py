@@ -107,6 +107,7 @@ class Trained:
     tokenizer: Any
     step: int
     averaged_steps: tuple[int, ...] = ()  # --which average: the checkpoints meaned
+    weights: str = "params"  # "ema": the run's EMA of the params (train.ema_decay)
 
     def with_dtype(self, dtype: str | None) -> Trained:
         """The same run computing in ``dtype`` (e.g. ``"bfloat16"`` for faster inference on
@@ -141,7 +142,8 @@ def load_trained(workdir: str, which: str = "latest") -> Trained:
     check_params_fit(params, expected, str(workdir))
     check_label_stamp(meta, run.config, workdir)
     averaged = tuple(int(s) for s in meta.get("averaged_steps", ()))
-    return Trained(run.config, model, params, run.tokenizer, int(meta.get("step", 0)), averaged)
+    step, weights = int(meta.get("step", 0)), str(meta.get("weights", "params"))
+    return Trained(run.config, model, params, run.tokenizer, step, averaged, weights)
 
 
 def predict_texts(

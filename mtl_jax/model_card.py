@@ -93,10 +93,11 @@ def _task_lines(config: Config, heads: dict[str, Any]) -> list[str]:
 
 
 def _checkpoint_words(run: dict[str, Any]) -> str:
+    ema = " (their EMA, `train.ema_decay`)" if run.get("weights") == "ema" else ""
     if "averaged_steps" in run:
         steps = ", ".join(str(s) for s in run["averaged_steps"])
-        return f"the mean of the params of the checkpoints at steps {steps} (`average`)"
-    return f"the `{run['checkpoint']}` one, step {run['step']},"
+        return f"the mean of the params{ema} of the checkpoints at steps {steps} (`average`)"
+    return f"the `{run['checkpoint']}` one, step {run['step']}{ema},"
 
 
 def _score_lines(workdir: Path, step: int, config: Config, averaged: bool = False) -> list[str]:
