@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_jax.trees import find_node
+
 
 class EmaState(NamedTuple):
     """``ema``: the params' moving average (the same tree, shapes and dtypes); ``count``:
@@ -63,16 +65,8 @@ def warmed_decay(decay: float, t: Any) -> jax.Array:
 
 def find_ema(opt_state: Any) -> Any | None:
     """The params' EMA inside an optimiser state however it is wrapped, else None."""
-    found = [
-        s.ema
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
-        if isinstance(s, EmaState)
-    ]
-    if len(found) > 1:
-        raise ValueError(
-            f"expected at most one EmaState in the optimiser state, found {len(found)}"
-        )
-    return found[0] if found else None
+    state = find_node(opt_state, EmaState)
+    return None if state is None else state.ema
 
 
 def eval_params(params: Any, opt_state: Any) -> Any:

@@ -45,7 +45,7 @@ from mtl_jax.config import FreezeSpec, TrainConfig
 from mtl_jax.ema import params_ema
 from mtl_jax.errors import UserError
 from mtl_jax.gate import GateState, hold_until, unfreeze_gate
-from mtl_jax.trees import Params
+from mtl_jax.trees import Params, find_node
 
 Rule = tuple[str, str]
 Schedule = dict[str, int | None]
@@ -358,16 +358,7 @@ def make_optimizer(
 
 def find_gate_state(opt_state: Any) -> GateState | None:
     """The :class:`GateState` inside an optimiser state however it is wrapped, else None."""
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GateState))
-        if isinstance(s, GateState)
-    ]
-    if len(found) > 1:
-        raise ValueError(
-            f"expected at most one GateState in the optimiser state, found {len(found)}"
-        )
-    return found[0] if found else None
+    return find_node(opt_state, GateState)
 
 
 def gate_state(opt_state: Any) -> GateState:

@@ -1,4 +1,5 @@
-"""The one parameter-tree type and the one way to compare two trees.
+"""The one parameter-tree type, the one way to compare two trees, and the one way to find a
+state node (the unfreezing gate's, the EMA's) inside an optimiser state.
 
 Params are nested dicts of arrays (what ``flax`` ``init`` returns, unboxed). Loading
 pretrained weights and restoring a checkpoint both have to say which leaves of one tree
@@ -8,13 +9,15 @@ on ``flax.traverse_util.flatten_dict`` paths, so every caller reports the same t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
 Params = dict[str, Any]
 ParamPath = tuple[str, ...]  # a leaf's key path, as flatten_dict gives it
+Node = TypeVar("Node")
 
 
 def tree_diff(expected: Any, got: Any) -> tuple[list[ParamPath], list[ParamPath], list[ParamPath]]:
@@ -33,3 +36,16 @@ def tree_diff(expected: Any, got: Any) -> tuple[list[ParamPath], list[ParamPath]
     unexpected = sorted(set(have) - set(want))
     resized = sorted(k for k in set(want) & set(have) if np.shape(want[k]) != np.shape(have[k]))
     return missing, unexpected, resized
+
+
+def find_node(tree: Any, kind: type[Node]) -> Node | None:
+    """The one node of type ``kind`` in ``tree`` (e.g. an optimiser state, however chained
+    or wrapped), else None; ValueError if there are several."""
+    found = [
+        x
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind))
+        if isinstance(x, kind)
+    ]
+    if len(found) > 1:
+        raise ValueError(f"expected at most one {kind.__name__} in the tree, found {len(found)}")
+    return found[0] if found else None

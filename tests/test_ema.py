@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from test_resume import SETS, STEPS, Crash, assert_trees_identical, crash_at
+from test_resume import SETS, STEPS, Crash, assert_trees_identical, crash_at, run_fit
 
 from mtl_jax import freezing
 from mtl_jax.checkpoint import Checkpointer, restore_params
@@ -22,7 +22,6 @@ from mtl_jax.encoder import load_backbone
 from mtl_jax.errors import UserError
 from mtl_jax.evaluate import evaluate_dataset
 from mtl_jax.export import export_run
-from mtl_jax.loop import fit
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.run_setup import load_run_data
@@ -111,12 +110,6 @@ def ema_setup():
     config = apply_overrides(preset("demo"), EMA_SETS).validate()
     backbone = load_backbone("tiny")
     return config, backbone, load_run_data(config, backbone.tokenizer)
-
-
-def run_fit(setup, workdir, on_step=None):
-    config, backbone, run_data = setup
-    kwargs = dict(backbone=backbone, run_data=run_data, progress=False, handle_signals=False)
-    return fit(config, workdir, on_step=on_step, **kwargs)
 
 
 @pytest.fixture(scope="module")
