@@ -299,7 +299,7 @@ class Checkpointer:
         ocp = _ocp()
         source = self.workdir / CHECKPOINTS_DIR / str(step)
         abstract_ema = find_ema(abstract_opt_state)
-        saved_ema = (source / EMA_ITEM).is_dir()
+        saved_ema = _holds_ema(source)
         if saved_ema != (abstract_ema is not None):
             trained, now = ("with", "0") if saved_ema else ("without", "set")
             raise UserError(
@@ -396,10 +396,15 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
     return mean, {**meta, "averaged_steps": steps}
 
 
+def _holds_ema(step_dir: Path) -> bool:
+    """Whether a checkpoint was written with an EMA of the params (its ``ema`` item)."""
+    return (step_dir / EMA_ITEM).is_dir()
+
+
 def _restore_step(manager: Any, directory: Path, step: int) -> tuple[Params, dict[str, Any]]:
     """One checkpoint's params (numpy) and meta; UserError naming it if unreadable."""
     ocp = _ocp()
-    item = EMA_ITEM if (directory / str(step) / EMA_ITEM).is_dir() else "params"
+    item = EMA_ITEM if _holds_ema(directory / str(step)) else "params"
     try:
         restored = manager.restore(
             step,
