@@ -124,6 +124,9 @@ ROWS = {
     # 4. Temperature T = 0.7 down-samples genre to 0.52 of its rows per epoch (2.1 epochs
     # over the run) and up-samples the phrases to 1.08 (4.3 epochs), same steps.
     "real-genre-t0.7": preset(NO_EMA, 'data.mixing="temperature"', "data.mixing_temperature=0.7"),
+    # Round 5, against `real` (EMA): layer-wise decay over the whole 4 epochs keeps the lower
+    # layers near the pretrained weights, where genre drifts after its first epoch.
+    "real-llrd0.8": preset("train.layer_lr_decay=0.8"),
 }
 
 
