@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.config import Config
-from mtl_jax.data import Dataset, eval_batches, inference_batches, inference_buckets, restore_order
+from mtl_jax.data import (
+    Dataset,
+    eval_batches,
+    inference_batches,
+    inference_buckets,
+    inference_max_tokens,
+    restore_order,
+)
 from mtl_jax.encoder import Tokenized
 from mtl_jax.errors import UserError
 from mtl_jax.metrics import summarize
@@ -94,14 +101,16 @@ def _embed_batch(model: MultiTaskModel, params: Any, batch: dict) -> jax.Array:
 def map_batches(fn, tokenized: Tokenized, batch_size: int, buckets, max_length: int):
     """``fn`` over length-sorted, bucketed batches; outputs back in input order.
 
-    ``buckets=None`` pads to :func:`mtl_jax.data.inference_buckets`.
+    ``buckets=None`` pads to :func:`mtl_jax.data.inference_buckets`. Batches of rows over 64
+    tokens hold fewer rows (:func:`mtl_jax.data.inference_max_tokens`).
     """
     if len(tokenized) == 0:
         raise ValueError("no sentences to run the model on")
     if buckets is None:
         buckets = inference_buckets(max_length)
+    max_tokens = inference_max_tokens(batch_size)
     chunks, indices = [], []
-    for rows, batch in inference_batches(tokenized, batch_size, buckets, max_length):
+    for rows, batch in inference_batches(tokenized, batch_size, buckets, max_length, max_tokens):
         chunks.append(jax.device_get(fn({k: batch[k] for k in MODEL_INPUTS})))
         indices.append(rows)
     return restore_order(chunks, indices, len(tokenized))

@@ -7,11 +7,13 @@ import dataclasses
 import json
 import logging
 
+import jax
 import numpy as np
 import pytest
 
 from mtl_jax import data
 from mtl_jax.config import Config, DataConfig, ModelConfig, TaskConfig, TrainConfig
+from mtl_jax.data.batching import rows_within
 from mtl_jax.errors import UserError
 from mtl_jax.synthetic import FILLER, make_rows
 
@@ -537,6 +539,54 @@ def test_inference_batches_restore_order(tiny_backbone):
     assert out["ids"][:, 1].tolist() == [x[1] for x in tok.input_ids]
     with pytest.raises(ValueError):
         data.restore_order(chunks[:-1], indices[:-1], len(texts))
+
+
+def test_inference_batches_token_budget(tiny_backbone):
+    """Under ``max_tokens`` long buckets hold halved batches, every row once, order kept."""
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(FILLER, size=int(rng.integers(1, 40)))) for _ in range(70)]
+    tok = dataset_from_texts(texts, tiny_backbone.tokenizer, 32, ("genre",))
+    shapes, seen = [], []
+    for idx, batch in data.inference_batches(tok, 16, (8, 16, 24), 32, max_tokens=16 * 16):
+        rows, length = batch["input_ids"].shape
+        assert rows * length <= 16 * 16 or rows == 1
+        assert rows == {8: 16, 16: 16, 24: 8, 32: 8}[length]  # 16 rows, halved past 16 tokens
+        assert batch["attention_mask"].sum(1)[: len(idx)].max() <= length
+        shapes.append((rows, length))
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(texts)))
+    assert {length for _, length in shapes} >= {8, 32}  # the corpus reaches both ends
+    assert rows_within(64, 128, 64 * 64) == 32 and rows_within(64, 128, None) == 64
+    assert rows_within(4, 1000, 10) == 1
+
+
+def test_embed_tokenized_same_with_budget(tiny_backbone):
+    """The budget changes how rows are batched, not what comes out (row i = input i)."""
+    from mtl_jax.encoder import tokenize
+    from mtl_jax.evaluate import embed_tokenized
+    from mtl_jax.model import build_model, init_params
+
+    config = Config(model=ModelConfig(backbone="tiny", max_length=128), tasks=())
+    model = build_model(config, tiny_backbone)
+    params = init_params(model, jax.random.key(0), tiny_backbone)
+    rng = np.random.default_rng(2)
+    texts = [" ".join(rng.choice(FILLER, size=int(rng.integers(1, 120)))) for _ in range(24)]
+    tok = tokenize(tiny_backbone.tokenizer, texts, 128)
+    assert tok.lengths.max() > 64  # some batches are halved (8 rows x 64 tokens of budget)
+    budgeted = embed_tokenized(model, params, tok, batch_size=8, max_length=128)
+    one_by_one = np.concatenate(
+        [
+            embed_tokenized(
+                model,
+                params,
+                tokenize(tiny_backbone.tokenizer, [t], 128),
+                batch_size=1,
+                max_length=128,
+            )
+            for t in texts
+        ]
+    )
+    np.testing.assert_allclose(budgeted, one_by_one, atol=1e-5)
 
 
 def test_prefetch_keeps_order_and_raises():

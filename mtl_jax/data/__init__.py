@@ -35,6 +35,7 @@ from mtl_jax.data.batching import (
     eval_batches,
     inference_batches,
     inference_buckets,
+    inference_max_tokens,
     make_batch,
     restore_order,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "infer_labels",
     "inference_batches",
     "inference_buckets",
+    "inference_max_tokens",
     "labels_from_files",
     "load_task_datasets",
     "make_batch",

@@ -72,16 +72,17 @@ class Encode(Suite):
             reference, _ = encode(dataclasses.replace(self.model, dtype="float32"))
             self.min_cosine = float((ours * reference).sum(1).min())  # both unit vectors
         self.lengths = tok.lengths
-        padded = [
-            b["input_ids"].shape[1]
-            for _, b in data_lib.inference_batches(tok, o.encode_batch, buckets, max_length)
-        ]
-        self.padded_tokens = len(padded) and sum(padded) * o.encode_batch
-        self.flops = sum(
-            step_flops(
-                self.backbone.bert_config, self.model.n_layers, 0, o.encode_batch, s, "infer"
+        max_tokens = data_lib.inference_max_tokens(o.encode_batch)
+        shapes = [  # (rows, padded length) of each batch: long buckets hold fewer rows
+            b["input_ids"].shape
+            for _, b in data_lib.inference_batches(
+                tok, o.encode_batch, buckets, max_length, max_tokens
             )
-            for s in padded
+        ]
+        self.padded_tokens = sum(rows * length for rows, length in shapes)
+        self.flops = sum(
+            step_flops(self.backbone.bert_config, self.model.n_layers, 0, rows, length, "infer")
+            for rows, length in shapes
         )
 
     def measure(self) -> list[dict[str, Any]]:
