@@ -112,7 +112,17 @@ def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
     out = io.StringIO()
     argv = ["--model", "tiny", "--suite", "train-real", "--freeze", "backbone", "--backbone-eval"]
-    argv += ["--max-length", "32", "--steps", "3", "--batch", "8", "--peak-size", "256"]
+    argv += [
+        "--step-over-forward",
+        "--max-length",
+        "32",
+        "--steps",
+        "3",
+        "--batch",
+        "8",
+        "--peak-size",
+        "256",
+    ]
     with redirect_stdout(out):
         assert script.main([*argv, "--data-dir", str(SHARED / "data")]) == 0
     (line,) = out.getvalue().splitlines()

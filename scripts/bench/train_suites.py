@@ -13,7 +13,7 @@ from mtl_jax import data as data_lib
 from mtl_jax.train import make_eval_step, make_train_step
 
 from .measure import peak_rss_mb, step_summary, time_steps, token_counts
-from .suite import Suite, head_params, step_mode, train_parts
+from .suite import Suite, head_params, step_mode, train_parts, without_weights
 from .workloads import bucket_batches, load_real_train, random_batch, step_flops, step_memory_mb
 
 
@@ -27,6 +27,7 @@ class TrainFixed(Suite):
         o = self.opts
         self.config = o.config(max_length=max(o.seq_lens), buckets=None, data_dir=None)
         self.model, params, optimizer, self.state = train_parts(self.config, self.backbone, o.seed)
+        self.backbone = without_weights(self.backbone)
         self.heads = head_params(params)
         key = jax.random.key(o.seed)
         train_step = make_train_step(self.model, optimizer, self.config)
@@ -93,6 +94,7 @@ class TrainReal(Suite):
         self.config, self.dataset = load_real_train(config, self.backbone.tokenizer)
         self.prepare_s = time.perf_counter() - t0
         self.model, params, optimizer, self.state = train_parts(self.config, self.backbone, o.seed)
+        self.backbone = without_weights(self.backbone)
         self.heads = head_params(params)
         key = jax.random.key(o.seed)
         train_step = make_train_step(self.model, optimizer, self.config)
@@ -112,7 +114,7 @@ class TrainReal(Suite):
             **step_memory_mb(self.model, optimizer, self.config, self.state, longest),
         }
         self.forward = None
-        if o.freeze == "backbone":  # the frozen step against a forward pass of the same model
+        if o.freeze == "backbone" and o.step_over_forward:  # the frozen step against a forward
             eval_step = make_eval_step(self.model, self.config)
             self.forward = lambda state, batch: (state, {"loss": eval_step(state.params, batch)})
             time_steps(self.forward, self.state, self.bucket_batches)
