@@ -36,7 +36,9 @@ def params_ema(decay: float) -> optax.GradientTransformation:
     keep 37 % of that noise after 1,000 steps; warmed up, the EMA averages roughly the last
     tenth of the steps so far until that is longer than ``1 / (1 - decay)``. Written as a
     step towards ``new``, an EMA of a param that never changes (a frozen group) stays
-    bit-identical to it.
+    bit-identical to it. ``new`` repeats the chain's ``apply_updates``, which XLA merges
+    with the train step's own: the compiled step costs 3 flops per param more than without
+    the EMA (subtract, scale, add), not 4 (measured with ``cost_analysis`` on the tiny model).
     """
     if not 0 <= decay < 1:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
