@@ -134,7 +134,11 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if change:
             changes.append(change)
     old, new = _flat(saved.get("config", {})), _flat(current.get("config", {}))
-    for key in sorted(set(old) & set(new)):  # keys of other versions: nothing to compare
+    # A key newer than the record: the run trained without it, i.e. as its default (a new
+    # setting defaults to the behaviour before it). A key the config no longer has: skipped.
+    defaults = _flat(json.loads(json.dumps(Config().to_dict())))  # as a saved record reads
+    old = {**{k: defaults[k] for k in new.keys() - old.keys() if k in defaults}, **old}
+    for key in sorted(set(old) & set(new)):
         if key not in SAFE_TO_CHANGE and old[key] != new[key]:
             why = f": {WHY[key]}" if key in WHY else ""
             changes.append(

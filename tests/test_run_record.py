@@ -292,6 +292,18 @@ def test_check_resume_returns_allowed_changes(tmp_path):
         check_resume(saved, _config("train.max_steps=20"))
 
 
+def test_a_setting_newer_than_the_record_is_compared_with_its_default():
+    """A record from before a key existed trained as that key's default: a resume that
+    sets it otherwise is a change (e.g. switching on the EMA of a run saved without it)."""
+    saved = make_record(_config("train.max_steps=10"))
+    del saved["config"]["train"]["ema_decay"]  # as a record written before the key
+    assert check_resume(saved, _config("train.max_steps=10")) == []
+    with pytest.raises(UserError, match=r"'train.ema_decay': 0.0 -> 0.999"):
+        check_resume(saved, _config("train.max_steps=10", "train.ema_decay=0.999"))
+    saved["config"]["train"]["no_longer_a_key"] = 1  # a key the config lost: not compared
+    assert check_resume(saved, _config("train.max_steps=10")) == []
+
+
 def test_an_unreadable_record_is_one_clean_error(tmp_path):
     (tmp_path / "checkpoints" / "8").mkdir(parents=True)
     (tmp_path / RECORD_FILE).write_text("{not json", encoding="utf-8")
