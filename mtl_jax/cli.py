@@ -166,18 +166,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtl_jax.profiling import parse_profile_range
     from mtl_jax.run_record import record_run
     from mtl_jax.run_setup import check_workdir
-    from mtl_jax.workdir_lock import hold_workdir
+    from mtl_jax.workdir_lock import check_held, hold_workdir
 
     profile = parse_profile_range(args.profile) if args.profile else None
     parallel.maybe_initialize_distributed(config.parallel.distributed)  # a no-op in fit then
     main = parallel.is_main_process()  # process 0's lock and record stand for the whole job
     try:
-        with quiet_background_errors(args.debug), hold_workdir(args.workdir, enabled=main):
+        with (
+            quiet_background_errors(args.debug),
+            hold_workdir(args.workdir, enabled=main) as holder,
+        ):
             check_workdir(Path(args.workdir))  # before the record: a full disk writes nothing
             changes = record_run(config, args.workdir, args.allow_changes) if main else []
             if changes:
                 print(f"warning: resuming with changes ({'; '.join(changes)})", file=sys.stderr)
-            result = fit(config, args.workdir, progress=not args.no_progress, profile=profile)
+            result = fit(
+                config,
+                args.workdir,
+                progress=not args.no_progress,
+                profile=profile,
+                on_step=lambda _: check_held(args.workdir, holder),  # an os.stat per step
+            )
     except OSError as exc:  # e.g. a full disk while writing logs or run files
         raise UserError(
             f"{exc.filename or args.workdir}: {exc.strerror or exc} during training; the last "

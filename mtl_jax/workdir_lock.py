@@ -12,6 +12,12 @@ stale file is simply reused). The file holds the holder as JSON for the message 
 Readers (``eval``, ``predict``, ``embed``, ``export``) never take it: they read the newest
 complete checkpoint, which Orbax only ever renames into place.
 
+A lock on a file only guards that file: deleting the run directory (or moving it) while
+its run is alive, and starting another run there, would give both processes a lock on
+different files and one path to write. :func:`check_held` sees that the lock file the path
+names is no longer the one this process locked; ``mtl-jax train`` asks it after every step,
+before anything of that step is written, and stops with one clean error.
+
 On release the file is removed while still locked; a process that opened the old file in
 the meantime sees, after its own ``flock``, that the path no longer names the inode it
 locked, and tries again on the new file (the usual unlink-safe lock protocol).
@@ -108,11 +114,13 @@ def hold_workdir(
         raise UserError(
             f"{workdir}: run directory is not writable ({exc.strerror or exc})"
         ) from None
+    locked = os.fstat(fd)
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
+        "file": [locked.st_dev, locked.st_ino],  # which file the lock is on (check_held)
     }
     try:
         try:
@@ -123,5 +131,34 @@ def hold_workdir(
         yield holder
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(path)  # still locked: see the module docstring
+            if os.stat(path).st_ino == locked.st_ino:  # not a replaced directory's new lock
+                os.unlink(path)  # still locked: see the module docstring
         os.close(fd)  # releases the lock
+
+
+def check_held(workdir: str | Path, holder: dict[str, Any]) -> None:
+    """Raise when ``<workdir>/.lock`` is no longer the file ``holder`` locked.
+
+    Args:
+      workdir: the run directory :func:`hold_workdir` locked.
+      holder: what it yielded (``{}``, a disabled lock, checks nothing).
+
+    Raises:
+      UserError: the run directory was deleted, moved or replaced since the lock was taken
+        (another run may be writing there now); nothing more of this run should be written.
+    """
+    if not holder:
+        return
+    path = Path(workdir) / LOCK_FILE
+    try:
+        now = os.stat(path)
+        same = [now.st_dev, now.st_ino] == holder["file"]
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise UserError(
+            f"{workdir}: the run directory was deleted or replaced while this run was "
+            f"training (its {LOCK_FILE} is not the one pid {holder['pid']} locked); stopped "
+            "without writing to it: rerun in a new --workdir (or the same one, to resume "
+            "whatever checkpoints are in it now)"
+        )

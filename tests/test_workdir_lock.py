@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 
 from mtl_jax.errors import UserError
 from mtl_jax.metrics_log import read_metrics
-from mtl_jax.workdir_lock import LOCK_FILE, hold_workdir, read_holder
+from mtl_jax.workdir_lock import LOCK_FILE, check_held, hold_workdir, read_holder
 
 from compile_cache import compile_cache, session_cache_dir
 
@@ -82,6 +83,54 @@ def test_a_second_holder_is_refused_with_the_first_named(tmp_path):
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released and removed
     with hold_workdir(tmp_path / "run"):  # free again
         pass
+
+
+def test_a_replaced_run_directory_is_noticed_and_its_new_lock_kept(tmp_path):
+    """Deleting a live run's directory and starting another run there gives two locks on
+    two files: the first holder's check_held says so, and its release leaves the second
+    holder's lock file alone."""
+    run = tmp_path / "run"
+    with hold_workdir(run) as first:
+        check_held(run, first)  # still ours: nothing raised
+        shutil.rmtree(run)
+        with pytest.raises(UserError, match="deleted or replaced") as caught:
+            check_held(run, first)
+        assert str(caught.value).startswith(f"{run}: ") and "\n" not in str(caught.value)
+        with hold_workdir(run) as second:  # a new run in the recreated directory
+            with pytest.raises(UserError, match=f"not the one pid {os.getpid()} locked"):
+                check_held(run, first)
+            check_held(run, second)
+        assert not (run / LOCK_FILE).exists()
+        with hold_workdir(run) as third:
+            pass
+    assert third["file"] != first["file"]
+    check_held(run, {})  # a disabled lock checks nothing
+
+
+def test_train_stops_cleanly_when_its_run_directory_is_replaced(tmp_path, monkeypatch, capsys):
+    """``mtl-jax train`` checks its lock after every step: a deleted and recreated workdir
+    stops it with exit 2 and one line, before it writes into the new directory."""
+    from mtl_jax import cli, loop
+
+    run = tmp_path / "run"
+    real_fit = loop.fit
+
+    def fit(config, workdir, **kwargs):
+        check = kwargs["on_step"]
+
+        def on_step(step):
+            if step == 1:  # before the first checkpoint (step 2): no save in flight
+                shutil.rmtree(workdir)
+                Path(workdir).mkdir()
+            check(step)
+
+        return real_fit(config, workdir, **{**kwargs, "on_step": on_step})
+
+    monkeypatch.setattr(loop, "fit", fit)
+    assert cli.main(train_argv(run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the run directory was deleted or replaced" in err[0]
+    assert list(run.iterdir()) == []  # nothing of the old run written into the new one
 
 
 def test_disabled_holds_nothing(tmp_path):
