@@ -127,6 +127,14 @@ ROWS = {
     # Round 5, against `real` (EMA): layer-wise decay over the whole 4 epochs keeps the lower
     # layers near the pretrained weights, where genre drifts after its first epoch.
     "real-llrd0.8": preset("train.layer_lr_decay=0.8"),
+    # ... and the same decay on genre alone, three seeds (the noise floor above is 3.4 sd).
+    "genre2-llrd0.8": preset(*GENRE2, "train.layer_lr_decay=0.8", tasks="genre"),
+    "genre2-llrd0.8-seed1": preset(
+        *GENRE2, "train.layer_lr_decay=0.8", "train.seed=1", tasks="genre"
+    ),
+    "genre2-llrd0.8-seed2": preset(
+        *GENRE2, "train.layer_lr_decay=0.8", "train.seed=2", tasks="genre"
+    ),
 }
 
 
