@@ -98,17 +98,23 @@ def _embed_batch(model: MultiTaskModel, params: Any, batch: dict) -> jax.Array:
     return embedding
 
 
+def batch_token_budget(batch_size: int) -> int | None:
+    """The padded-token cap of this backend's inference batches (None: no cap)."""
+    return inference_max_tokens(batch_size) if jax.default_backend() == "cpu" else None
+
+
 def map_batches(fn, tokenized: Tokenized, batch_size: int, buckets, max_length: int):
     """``fn`` over length-sorted, bucketed batches; outputs back in input order.
 
-    ``buckets=None`` pads to :func:`mtl_jax.data.inference_buckets`. Batches of rows over 64
-    tokens hold fewer rows (:func:`mtl_jax.data.inference_max_tokens`).
+    ``buckets=None`` pads to :func:`mtl_jax.data.inference_buckets`. On CPU, batches of long
+    rows hold fewer of them (:func:`mtl_jax.data.inference_max_tokens`); accelerators,
+    where bigger batches pay and memory is the device's, take ``batch_size`` rows always.
     """
     if len(tokenized) == 0:
         raise ValueError("no sentences to run the model on")
     if buckets is None:
         buckets = inference_buckets(max_length)
-    max_tokens = inference_max_tokens(batch_size)
+    max_tokens = batch_token_budget(batch_size)
     chunks, indices = [], []
     for rows, batch in inference_batches(tokenized, batch_size, buckets, max_length, max_tokens):
         chunks.append(jax.device_get(fn({k: batch[k] for k in MODEL_INPUTS})))

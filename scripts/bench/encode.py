@@ -12,6 +12,7 @@ import numpy as np
 
 from mtl_jax import data as data_lib
 from mtl_jax.encoder import tokenize
+from mtl_jax.evaluate import batch_token_budget
 from mtl_jax.inference import embed_tokenized
 from mtl_jax.model import build_model, init_params
 
@@ -72,7 +73,7 @@ class Encode(Suite):
             reference, _ = encode(dataclasses.replace(self.model, dtype="float32"))
             self.min_cosine = float((ours * reference).sum(1).min())  # both unit vectors
         self.lengths = tok.lengths
-        max_tokens = data_lib.inference_max_tokens(o.encode_batch)
+        max_tokens = batch_token_budget(o.encode_batch)  # as embed_tokenized batches
         shapes = [  # (rows, padded length) of each batch: long buckets hold fewer rows
             b["input_ids"].shape
             for _, b in data_lib.inference_batches(
