@@ -59,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeze", default="none", choices=["none", "backbone"])
     p.add_argument("--backbone-eval", action="store_true", help="no dropout inside BERT")
     p.add_argument(
+        "--cached",
+        action="store_true",
+        help="train-real with --freeze backbone --backbone-eval: train the heads from "
+        "embeddings cached once, as mtl-jax train does (peak RSS includes the cache build)",
+    )
+    p.add_argument(
         "--step-over-forward",
         action="store_true",
         help="train-real, frozen: also time a forward pass over the same batches (its "
@@ -210,6 +216,7 @@ def make_options(args: argparse.Namespace, data_dir: str, profile: tuple[int, in
         cache_epochs=args.cache_epochs,
         sync=not args.no_sync,
         step_over_forward=args.step_over_forward,
+        cached=args.cached,
         seed=args.seed,
         profile=profile,
         profile_dir=args.profile_dir,
@@ -301,7 +308,11 @@ def main(argv=None) -> int:
     for suite_name in args.suite:
         # Loaded per suite and held by it alone, so a train suite can drop the host weights
         # once its state holds them, as `mtl-jax train` does after setup (-90 MB for MiniLM).
-        suite = bench.SUITES[suite_name](opts, load_backbone(args.model), log, 0.0)
+        try:
+            suite = bench.SUITES[suite_name](opts, load_backbone(args.model), log, 0.0)
+        except UserError as err:
+            sys.stderr.write(f"error: {err}\n")
+            return 2
         try:
             ours_rounds, theirs_rounds = run_rounds(suite, args, data_dir)
         finally:

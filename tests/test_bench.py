@@ -108,6 +108,27 @@ def test_benchmark_script_prints_one_json_line_per_result():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
+def test_cached_train_real_trains_the_heads_from_a_cache_and_refuses_a_live_backbone(capsys):
+    """--cached times mtl-jax train's frozen path: the cache is built once (its time
+    reported), the timed steps never recompile; a backbone that trains cannot be cached."""
+    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    argv = ["--model", "tiny", "--suite", "train-real", "--freeze", "backbone", "--cached"]
+    argv += ["--max-length", "32", "--steps", "3", "--batch", "8", "--peak-size", "256"]
+    argv += ["--data-dir", str(SHARED / "data")]
+    assert script.main(argv) == 2  # backbone dropout on: not a fixed function
+    assert "--cached: needs --freeze backbone --backbone-eval" in capsys.readouterr().err
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert script.main([*argv, "--backbone-eval"]) == 0
+    (line,) = out.getvalue().splitlines()
+    result = json.loads(line)
+    assert result["cached"] is True and result["cache_build_s"] > 0
+    assert result["recompiles_while_timed"] == 0 and result["mfu"] is None
+    assert result["step_memory_mb"] is None and result["examples_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
 def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
     out = io.StringIO()

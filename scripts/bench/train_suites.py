@@ -10,6 +10,8 @@ from typing import Any
 import jax
 
 from mtl_jax import data as data_lib
+from mtl_jax import features
+from mtl_jax.errors import UserError
 from mtl_jax.train import make_eval_step, make_train_step
 
 from .measure import peak_rss_mb, step_summary, time_steps, token_counts
@@ -82,7 +84,13 @@ class TrainFixed(Suite):
 
 
 class TrainReal(Suite):
-    """``pt_realdata.py``: the mixed SST-2 + Brown stream, the library's own batching."""
+    """``pt_realdata.py``: the mixed SST-2 + Brown stream, the library's own batching.
+
+    With ``opts.cached`` (a frozen, dropout-free backbone) the heads train from embeddings
+    cached once, as ``mtl-jax train`` does then: the peak RSS includes building the cache
+    over the whole stream; the step times do not (``cache_build_s`` says what it took), so
+    only the memory compares with PyTorch's per-step forward like for like.
+    """
 
     name = "train-real"
 
@@ -97,7 +105,23 @@ class TrainReal(Suite):
         self.backbone = without_weights(self.backbone)
         self.heads = head_params(params)
         key = jax.random.key(o.seed)
-        train_step = make_train_step(self.model, optimizer, self.config)
+        self.cache_build_s = None
+        if o.cached:
+            if not features.can_cache(self.config):
+                raise UserError("--cached: needs --freeze backbone --backbone-eval")
+            t0 = time.perf_counter()
+            cache = features.cache_embeddings(
+                self.model, self.state.params, self.dataset, self.config
+            )
+            self.cache_build_s = time.perf_counter() - t0
+            forward = features.cached_forward(self.model, self.config)
+            cached_step = make_train_step(self.model, optimizer, self.config, forward)
+            keep = ("labels", "index", "valid")
+
+            def train_step(state, batch, key):  # the fit loop's batch transform, then the step
+                return cached_step(state, features.cached_batch(batch, cache, keep), key)
+        else:
+            train_step = make_train_step(self.model, optimizer, self.config)
         self.step = self.profiled(lambda state, batch: train_step(state, batch, key))
         self.stream = data_lib.prefetch(data_lib.BatchStream(self.dataset, self.config, epochs=0))
         # Every bucket shape compiled before timing; then a few steps per bucket for the
@@ -109,10 +133,12 @@ class TrainReal(Suite):
             c["first_steps_s"] = time.perf_counter() - t0
         self.compile = c
         longest = self.bucket_batches[-1]
-        self.memory = {
-            "seq_len": int(longest["input_ids"].shape[1]),
-            **step_memory_mb(self.model, optimizer, self.config, self.state, longest),
-        }
+        self.memory = None  # the cached step's memory does not depend on the tokens
+        if not o.cached:
+            self.memory = {
+                "seq_len": int(longest["input_ids"].shape[1]),
+                **step_memory_mb(self.model, optimizer, self.config, self.state, longest),
+            }
         self.forward = None
         if o.freeze == "backbone" and o.step_over_forward:  # the frozen step against a forward
             eval_step = make_eval_step(self.model, self.config)
@@ -153,7 +179,7 @@ class TrainReal(Suite):
             "padding_share": 1 - tok["real_tokens"] / tok["padded_tokens"],
             "steps_per_bucket": self.per_bucket,
             "step_s_per_bucket": step_s,
-            "mfu": flops / seconds / (self.peak * 1e9),
+            "mfu": None if self.opts.cached else flops / seconds / (self.peak * 1e9),
         }
 
     def measure(self) -> list[dict[str, Any]]:
@@ -199,7 +225,9 @@ class TrainReal(Suite):
                 "first_steps_s": self.compile["first_steps_s"],
                 "recompiles_while_timed": c["compiles"],
                 "prepare_s": self.prepare_s,
-                "mfu": self._mfu(flops, total),
+                "mfu": None if o.cached else self._mfu(flops, total),  # no backbone FLOPs
+                "cached": o.cached,
+                "cache_build_s": self.cache_build_s,
                 "epoch_estimate": self._epoch_estimate(),
                 **forward,
                 "step_memory_mb": self.memory,
