@@ -84,6 +84,9 @@ def cache_embeddings(
     )
 
 
+STEP_KEYS = ("labels", "index", "valid")  # what a cached step needs of a stream batch
+
+
 def cached_batch(
     batch: Mapping[str, Any], cache: np.ndarray, keep: tuple[str, ...] | None = None
 ) -> dict[str, Any]:

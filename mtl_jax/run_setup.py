@@ -259,7 +259,7 @@ def _batch_transform(cache: np.ndarray | None, mesh: jax.sharding.Mesh):
 
     def transform(batch: dict) -> dict:
         if cache is not None:
-            batch = features.cached_batch(batch, cache, keep=("labels", "index", "valid"))
+            batch = features.cached_batch(batch, cache, keep=features.STEP_KEYS)
         return parallel.shard_batch(batch, mesh)
 
     return transform

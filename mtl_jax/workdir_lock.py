@@ -71,11 +71,7 @@ def _open_locked(path: Path) -> int:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise BlockingIOError(exc.errno, "locked") from None
             raise
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _names(path, _file_id(os.fstat(fd))):
             return fd
         os.close(fd)  # we locked a file its holder had just removed: take the new one
     raise BlockingIOError(errno.EAGAIN, "the lock file keeps changing")
@@ -114,13 +110,13 @@ def hold_workdir(
         raise UserError(
             f"{workdir}: run directory is not writable ({exc.strerror or exc})"
         ) from None
-    locked = os.fstat(fd)
+    locked = _file_id(os.fstat(fd))
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
-        "file": [locked.st_dev, locked.st_ino],  # which file the lock is on (check_held)
+        "file": locked,  # which file the lock is on (check_held)
     }
     try:
         try:
@@ -130,8 +126,8 @@ def hold_workdir(
             pass  # a full disk: the lock holds anyway, only the message would lack detail
         yield holder
     finally:
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == locked.st_ino:  # not a replaced directory's new lock
+        if _names(path, locked):  # not a replaced directory's new lock
+            with contextlib.suppress(OSError):
                 os.unlink(path)  # still locked: see the module docstring
         os.close(fd)  # releases the lock
 
@@ -147,18 +143,23 @@ def check_held(workdir: str | Path, holder: dict[str, Any]) -> None:
       UserError: the run directory was deleted, moved or replaced since the lock was taken
         (another run may be writing there now); nothing more of this run should be written.
     """
-    if not holder:
-        return
-    path = Path(workdir) / LOCK_FILE
-    try:
-        now = os.stat(path)
-        same = [now.st_dev, now.st_ino] == holder["file"]
-    except FileNotFoundError:
-        same = False
-    if not same:
+    if holder and not _names(Path(workdir) / LOCK_FILE, holder["file"]):
         raise UserError(
             f"{workdir}: the run directory was deleted or replaced while this run was "
             f"training (its {LOCK_FILE} is not the one pid {holder['pid']} locked); stopped "
             "without writing to it: rerun in a new --workdir (or the same one, to resume "
             "whatever checkpoints are in it now)"
         )
+
+
+def _file_id(stat: os.stat_result) -> list[int]:
+    """A file's identity, ``[device, inode]`` (a list: the holder record is JSON)."""
+    return [stat.st_dev, stat.st_ino]
+
+
+def _names(path: Path, file_id: list[int]) -> bool:
+    """Whether ``path`` still names the file ``file_id`` identifies."""
+    try:
+        return _file_id(os.stat(path)) == file_id
+    except OSError:
+        return False

@@ -116,10 +116,10 @@ class TrainReal(Suite):
             self.cache_build_s = time.perf_counter() - t0
             forward = features.cached_forward(self.model, self.config)
             cached_step = make_train_step(self.model, optimizer, self.config, forward)
-            keep = ("labels", "index", "valid")
 
             def train_step(state, batch, key):  # the fit loop's batch transform, then the step
-                return cached_step(state, features.cached_batch(batch, cache, keep), key)
+                batch = features.cached_batch(batch, cache, features.STEP_KEYS)
+                return cached_step(state, batch, key)
         else:
             train_step = make_train_step(self.model, optimizer, self.config)
         self.step = self.profiled(lambda state, batch: train_step(state, batch, key))
