@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mtl_jax.host_memory import lean_malloc
+    from mtl_jax.host_memory import lean_malloc, trim_after_compiles
 
     lean_malloc()  # before JAX starts its threads: a lower peak RSS
+    trim_after_compiles()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from mtl_jax.config import Config
@@ -30,7 +29,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.evaluate import embed_tokenized
 from mtl_jax.freezing import backbone_trainable
 from mtl_jax.model import MultiTaskModel
-from mtl_jax.train import Forward
+from mtl_jax.train import Forward, run_heads
 
 
 def cache_blockers(config: Config) -> list[str]:
@@ -102,11 +101,6 @@ def cached_batch(
     return {**kept, "embedding": embedding}
 
 
-def _run_heads(module: MultiTaskModel, embedding: jax.Array, deterministic: bool):
-    # The heads at their own path inside the full model, so dropout draws the same masks.
-    return module.heads(embedding, deterministic=deterministic)
-
-
 def cached_forward(model: MultiTaskModel, config: Config) -> Forward:
     """The heads on ``batch["embedding"]``: the forward of the cached train and eval steps.
 
@@ -128,7 +122,7 @@ def cached_forward(model: MultiTaskModel, config: Config) -> Forward:
             {"params": {"heads": params["heads"]}},
             embedding,
             not train,
-            method=_run_heads,
+            method=run_heads,
             rngs=rngs,
         )
         return logits, {"embedding": embedding}

@@ -106,6 +106,14 @@ def test_benchmark_script_prints_one_json_line_per_result():
     assert set(result["step_s"]) >= {"min", "median", "max"}
 
 
+def test_matmul_peak_is_measured_in_a_child_process_on_cpu(monkeypatch):
+    """The limit an MFU is taken against; its operands must not count in our peak RSS."""
+    calls = []
+    monkeypatch.setattr(bench.workloads, "matmul_gflops", lambda *a: calls.append(a) or 1.0)
+    gflops = bench.matmul_gflops_apart(64, reps=2)
+    assert calls == [] and np.isfinite(gflops) and gflops > 0  # not this process's function
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
 def test_cached_train_real_trains_the_heads_from_a_cache_and_refuses_a_live_backbone(capsys):
@@ -130,11 +138,13 @@ def test_cached_train_real_trains_the_heads_from_a_cache_and_refuses_a_live_back
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
 def test_frozen_train_real_reports_the_step_against_a_forward_pass():
+    """The two opt-in diagnostics: the step against a forward pass, XLA's memory account."""
     script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
     out = io.StringIO()
     argv = ["--model", "tiny", "--suite", "train-real", "--freeze", "backbone", "--backbone-eval"]
     argv += [
         "--step-over-forward",
+        "--step-memory",
         "--max-length",
         "32",
         "--steps",

@@ -14,16 +14,20 @@ import numpy as np
 import pytest
 
 from mtl_jax import freezing
+from mtl_jax import train as train_lib
 from mtl_jax.config import TrainConfig
 from mtl_jax.train import (
+    LEAN_COMPILE_OPTIONS,
     build_eval_step,
     build_train_step,
     create_train_state,
+    forward_chunk_rows,
     init_train_params,
     jit_train_step,
     make_eval_step,
     make_predict_fn,
     model_forward,
+    step_compiler_options,
 )
 
 from conftest import make_fake_batch, replace_model
@@ -189,6 +193,100 @@ def test_frozen_backbone_drops_the_backbone_backward_pass(tiny_config, tiny_mode
     train_step = build_train_step(model_forward(tiny_model, config), optimizer, config)
     backward = _dot_count(train_step, state, batch, jax.random.key(0)) - forward
     assert 0 < backward <= 2 * HEAD_DENSE_LAYERS
+
+
+def test_forward_chunks_hold_an_inference_batchs_tokens_and_divide_the_batch():
+    assert forward_chunk_rows(32, 128) == 4 and forward_chunk_rows(32, 64) == 8
+    assert forward_chunk_rows(32, 16) == 32  # short rows: one pass
+    assert forward_chunk_rows(24, 128) == 3 and forward_chunk_rows(9, 64) == 1
+    for rows, length in [(32, 128), (24, 128), (9, 64), (10, 32), (7, 128)]:
+        chunk = forward_chunk_rows(rows, length)
+        assert rows % chunk == 0 and (chunk == 1 or chunk * length <= rows * 16)
+
+
+def _one_pass(monkeypatch):
+    monkeypatch.setattr(train_lib, "forward_chunk_rows", lambda rows, length: rows)
+
+
+def test_chunked_forward_gives_the_one_pass_outputs(
+    tiny_config, tiny_model, tiny_params, monkeypatch
+):
+    """A long batch is embedded 2 rows at a time (4 chunks of 8 x 64), rows back in order."""
+    batch = make_fake_batch(tiny_config, batch=8, seq=64, seed=3)
+    assert forward_chunk_rows(8, 64) == 2
+    probs, embedding = jax.jit(make_predict_fn(tiny_model))(tiny_params, batch)
+    counts = make_eval_step(tiny_model, tiny_config)(tiny_params, batch)
+    _one_pass(monkeypatch)  # new jitted functions below, so they trace the one-pass path
+    one_pass = jax.jit(model_forward(tiny_model), static_argnums=2)
+    logits_1, aux_1 = one_pass(tiny_params, batch, False, None)
+    counts_1 = make_eval_step(tiny_model, tiny_config)(tiny_params, batch)
+    np.testing.assert_allclose(embedding, aux_1["embedding"], rtol=1e-5, atol=1e-6)
+    for task, p in probs.items():
+        np.testing.assert_allclose(p, jax.nn.softmax(logits_1[task]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(counts[task]["confusion"], counts_1[task]["confusion"])
+
+
+def test_frozen_step_in_chunks_trains_the_heads_as_one_pass_does(
+    tiny_config, tiny_model, tiny_params, monkeypatch
+):
+    """Frozen, deterministic backbone: chunked and one-pass steps give the same update (the
+    heads' dropout masks included) and leave the backbone bit for bit; no loop is
+    differentiated, so the step's extra matmuls are the heads' backward ones alone."""
+    config = replace_model(with_train(tiny_config, freeze="backbone"), backbone_dropout=False)
+    batch = make_fake_batch(config, batch=8, seq=64, seed=5)
+    optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=10)
+    key = jax.random.key(1)
+
+    def one_step(model):
+        state = create_train_state(tiny_params, optimizer)
+        step = jit_train_step(build_train_step(model_forward(model, config), optimizer, config))
+        return step(state, batch, key)
+
+    chunked, metrics = one_step(tiny_model)
+    pure = build_train_step(model_forward(tiny_model, config), optimizer, config)
+    state = create_train_state(tiny_params, optimizer)
+    inputs = {k: v for k, v in batch.items() if k != "index"}
+    forward = _dot_count(build_eval_step(model_forward(tiny_model, config)), tiny_params, inputs)
+    assert 0 < _dot_count(pure, state, inputs, key) - forward <= 2 * HEAD_DENSE_LAYERS
+    assert "scan" in str(jax.make_jaxpr(pure)(state, inputs, key))  # the chunks' loop
+    _one_pass(monkeypatch)
+    pure = build_train_step(model_forward(tiny_model, config), optimizer, config)
+    assert "scan" not in str(jax.make_jaxpr(pure)(state, inputs, key))
+    single, metrics_1 = one_step(tiny_model)
+    chex.assert_trees_all_close(
+        to_numpy(chunked.params), to_numpy(single.params), rtol=1e-5, atol=1e-6
+    )
+    chex.assert_trees_all_equal(
+        to_numpy(chunked.params["backbone"]), to_numpy(tiny_params["backbone"])
+    )
+    np.testing.assert_allclose(metrics["loss"], metrics_1["loss"], rtol=1e-5)
+    assert float(metrics["grad_norm"]) > 0
+
+
+def test_frozen_step_in_chunks_keeps_berts_dropout(tiny_config, tiny_model, tiny_params):
+    """The default frozen setting (BERT's dropout on): each chunk draws its own masks, the
+    backbone stays bit for bit, and the loss is not the dropout-free one."""
+    config = with_train(tiny_config, freeze="backbone")
+    batch = make_fake_batch(config, batch=8, seq=64, seed=6)
+    optimizer = freezing.make_optimizer(config.train, tiny_params, total_steps=10)
+    losses = []
+    for c in (config, replace_model(config, backbone_dropout=False)):
+        step = jit_train_step(build_train_step(model_forward(tiny_model, c), optimizer, c))
+        state, metrics = step(create_train_state(tiny_params, optimizer), batch, jax.random.key(2))
+        losses.append(float(metrics["loss"]))
+        chex.assert_trees_all_equal(
+            to_numpy(state.params["backbone"]), to_numpy(tiny_params["backbone"])
+        )
+    assert np.isfinite(losses).all() and losses[0] != losses[1]
+
+
+def test_a_frozen_step_compiles_lean_on_cpu_and_a_full_step_does_not(tiny_config):
+    frozen = with_train(tiny_config, freeze="backbone")
+    full = with_train(tiny_config, freeze="none")
+    if jax.default_backend() == "cpu":
+        assert step_compiler_options(frozen) == LEAN_COMPILE_OPTIONS
+    assert step_compiler_options(replace_model(full, remat=False)) is None
+    assert "xla_cpu_use_fusion_emitters" not in (step_compiler_options(full) or {})
 
 
 def test_eval_and_predict_agree(tiny_config, tiny_model, tiny_params):

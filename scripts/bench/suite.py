@@ -44,6 +44,7 @@ class Options:
     cache_epochs: int = 3
     sync: bool = True
     step_over_forward: bool = False  # frozen train-real: also time a forward-only pass
+    step_memory: bool = False  # train-real: XLA's memory account of the longest step
     cached: bool = False  # frozen train-real: heads from cached embeddings (mtl-jax train's way)
     seed: int = 0
     profile: tuple[int, int] | None = None  # (start, end) steps, see Suite.profiled

@@ -133,8 +133,10 @@ class TrainReal(Suite):
             c["first_steps_s"] = time.perf_counter() - t0
         self.compile = c
         longest = self.bucket_batches[-1]
-        self.memory = None  # the cached step's memory does not depend on the tokens
-        if not o.cached:
+        # XLA's account of the longest step: a diagnostic whose compile would add to our
+        # peak RSS, so opt-in; the cached step's memory does not depend on the tokens.
+        self.memory = None
+        if o.step_memory and not o.cached:
             self.memory = {
                 "seq_len": int(longest["input_ids"].shape[1]),
                 **step_memory_mb(self.model, optimizer, self.config, self.state, longest),

@@ -8,8 +8,12 @@ constant rate) so that a ratio of the two measures the stacks, not the settings.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -187,6 +191,33 @@ def matmul_gflops(n: int = 2048, reps: int = 8, dtype: str = "float32") -> float
         mm(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / min(times) / 1e9
+
+
+def matmul_gflops_apart(n: int = 2048, reps: int = 8, dtype: str = "float32") -> float:
+    """:func:`matmul_gflops`, on CPU in a child process so that its operands stay out of ours.
+
+    In process, a 2048^2 float32 matmul adds its ~50 MB of operands and result to this
+    process's peak RSS (``ru_maxrss`` never falls), a cost the PyTorch baseline, a separate
+    process, never pays. The child inherits ``XLA_FLAGS`` and so measures the same limit. On
+    an accelerator it stays in process: a second process would contend for device memory.
+    """
+    if jax.default_backend() != "cpu":
+        return matmul_gflops(n, reps, dtype)
+    scripts = str(Path(__file__).resolve().parents[1])
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from bench.workloads import matmul_gflops; "
+        "print(json.dumps(matmul_gflops(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, scripts, str(n), str(reps), dtype],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"matmul peak child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def load_real_train(config: Config, tokenizer: Any) -> tuple[Config, data_lib.Dataset]:
