@@ -27,9 +27,10 @@ from mtl_jax.data import (
 )
 from mtl_jax.encoder import Tokenized
 from mtl_jax.errors import UserError
+from mtl_jax.forward import MODEL_INPUTS
 from mtl_jax.metrics import summarize
 from mtl_jax.model import MultiTaskModel
-from mtl_jax.train import MODEL_INPUTS, make_predict_fn
+from mtl_jax.train import make_predict_fn
 
 Scores = dict[str, dict[str, Any]]  # {task: {"accuracy", "macro_f1", "loss", "n", ...}}
 

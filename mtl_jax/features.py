@@ -27,9 +27,9 @@ from mtl_jax.config import Config
 from mtl_jax.data import Dataset
 from mtl_jax.errors import UserError
 from mtl_jax.evaluate import embed_tokenized
+from mtl_jax.forward import Forward, run_heads
 from mtl_jax.freezing import backbone_trainable
 from mtl_jax.model import MultiTaskModel
-from mtl_jax.train import Forward, run_heads
 
 
 def cache_blockers(config: Config) -> list[str]:

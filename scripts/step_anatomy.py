@@ -21,9 +21,10 @@ import numpy as np
 
 from mtl_jax.config import Config, ModelConfig, TrainConfig, default_tasks
 from mtl_jax.encoder import load_backbone
+from mtl_jax.forward import model_forward
 from mtl_jax.freezing import make_optimizer
 from mtl_jax.model import build_model, init_params
-from mtl_jax.train import build_train_step, create_train_state, model_forward, step_inputs
+from mtl_jax.train import build_train_step, create_train_state, step_inputs
 
 OPCODE = re.compile(r"=\s*([a-z0-9\[\],{}() ]*?)\s*([a-z][a-z0-9-]*)\(")
 DOT = re.compile(r"=\s*(\w+)\[[^\]]*\](?:\{[^}]*\})?\s+dot\(")

@@ -22,16 +22,11 @@ from mtl_jax.encoder import load_backbone
 from mtl_jax.errors import UserError
 from mtl_jax.evaluate import evaluate_dataset
 from mtl_jax.export import export_run
+from mtl_jax.forward import model_params
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.run_setup import load_run_data
-from mtl_jax.train import (
-    create_train_state,
-    init_train_params,
-    make_eval_step,
-    make_train_step,
-    model_params,
-)
+from mtl_jax.train import create_train_state, init_train_params, make_eval_step, make_train_step
 
 from conftest import make_fake_batch, replace_model
 

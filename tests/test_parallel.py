@@ -29,9 +29,10 @@ from mtl_jax import parallel
 from mtl_jax.checkpoint import restore_params
 from mtl_jax.config import Config, ParallelConfig, TrainConfig, apply_overrides, default_tasks
 from mtl_jax.errors import UserError
+from mtl_jax.forward import model_forward
 from mtl_jax.freezing import make_optimizer
 from mtl_jax.model import build_model
-from mtl_jax.train import build_train_step, create_train_state, model_forward
+from mtl_jax.train import build_train_step, create_train_state
 
 from conftest import make_fake_batch, replace_model
 from parallel_worker import max_rel_diff

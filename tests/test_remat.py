@@ -11,13 +11,13 @@ import pytest
 from mtl_jax import freezing
 from mtl_jax import remat as remat_lib
 from mtl_jax.config import TrainConfig
+from mtl_jax.forward import model_forward
 from mtl_jax.model import build_model, init_params
 from mtl_jax.train import (
     LengthSplitStep,
     build_train_step,
     create_train_state,
     make_train_step,
-    model_forward,
     step_inputs,
     step_remats,
     train_compiler_options,

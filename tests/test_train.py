@@ -13,20 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtl_jax import forward as forward_lib
 from mtl_jax import freezing
-from mtl_jax import train as train_lib
 from mtl_jax.config import TrainConfig
+from mtl_jax.forward import forward_chunk_rows, model_forward
 from mtl_jax.train import (
     LEAN_COMPILE_OPTIONS,
     build_eval_step,
     build_train_step,
     create_train_state,
-    forward_chunk_rows,
     init_train_params,
     jit_train_step,
     make_eval_step,
     make_predict_fn,
-    model_forward,
     step_compiler_options,
 )
 
@@ -205,7 +204,7 @@ def test_forward_chunks_hold_an_inference_batchs_tokens_and_divide_the_batch():
 
 
 def _one_pass(monkeypatch):
-    monkeypatch.setattr(train_lib, "forward_chunk_rows", lambda rows, length: rows)
+    monkeypatch.setattr(forward_lib, "forward_chunk_rows", lambda rows, length: rows)
 
 
 def test_chunked_forward_gives_the_one_pass_outputs(

@@ -1,0 +1,173 @@
+"""The forward functions a step calls: ``forward(params, batch, train, rngs) -> (logits
+per task, aux)``.
+
+:func:`model_forward` is the full model on token inputs; where no backward pass goes
+through the backbone, long batches run it in chunks (:func:`pooled_in_chunks`) on CPU.
+:func:`mtl_jax.features.cached_forward` runs only the heads on a cached embedding
+(:func:`run_heads`). The steps of :mod:`mtl_jax.train` take either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtl_jax.config import Config
+from mtl_jax.data.batching import inference_max_tokens, rows_within
+from mtl_jax.freezing import backbone_trainable
+
+Batch = Mapping[str, Any]
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TARGET_KEYS = ("labels", "valid")
+STEP_KEYS = (*MODEL_INPUTS, *TARGET_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """``apply(params, batch, train, rngs) -> (logits per task, aux)`` and what it reads.
+
+    ``inputs`` are the batch keys ``apply`` reads; the jitted steps pass only those (and
+    the targets), so other keys neither reach the device nor cause a retrace.
+    """
+
+    apply: Callable[[Any, Batch, bool, Mapping[str, jax.Array] | None], tuple[dict, dict]]
+    inputs: tuple[str, ...] = MODEL_INPUTS
+
+    def __call__(self, params, batch, train, rngs):
+        return self.apply(params, batch, train, rngs)
+
+    @property
+    def step_keys(self) -> tuple[str, ...]:
+        return (*self.inputs, *TARGET_KEYS)
+
+
+def model_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the params the Flax model knows (no ``log_vars``)."""
+    return {"backbone": params["backbone"], "heads": params["heads"]}
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The token arrays the model reads (``token_type_ids`` zeros when absent)."""
+    types = batch.get("token_type_ids")
+    if types is None:
+        types = jnp.zeros_like(batch["input_ids"])
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "token_type_ids": types,
+    }
+
+
+def forward_chunk_rows(rows: int, length: int) -> int:
+    """Rows per pass of a backbone forward that no backward pass follows.
+
+    On CPU, what an inference batch may hold (:func:`mtl_jax.data.inference_max_tokens`:
+    4 rows of 128 tokens out of 32, all 32 rows of 16), down to a divisor of ``rows``: the
+    activations of a long batch no longer set the peak, and the smaller working set is no
+    slower. Elsewhere all rows.
+    """
+    if jax.default_backend() != "cpu":
+        return rows
+    chunk = rows_within(rows, length, inference_max_tokens(rows))
+    while rows % chunk:  # equal chunks: the largest divisor of rows within the budget
+        chunk -= 1
+    return chunk
+
+
+def pooled_in_chunks(
+    model: Any,
+    backbone_params: Any,
+    inputs: Mapping[str, jax.Array],
+    chunk_rows: int,
+    deterministic: bool,
+    key: jax.Array | None,
+) -> jax.Array:
+    """The pooled embedding ``[B, hidden]`` of ``inputs``, ``chunk_rows`` rows at a time.
+
+    One ``lax.map`` iteration per chunk, so XLA keeps one chunk's activations at a time. No
+    gradient reaches the backbone (it is stopped at the params, so no loop is
+    differentiated). Chunk ``k`` holds rows ``k, k + n, k + 2n, ...``: a batch split over
+    devices stays split the same way inside every chunk. With dropout (``deterministic``
+    false) chunk ``k`` draws from ``fold_in(key, k)``.
+    """
+    rows, length = inputs["input_ids"].shape
+    n = rows // chunk_rows
+    backbone_params = jax.lax.stop_gradient(backbone_params)
+    stacked = {k: v.reshape(chunk_rows, n, length).swapaxes(0, 1) for k, v in inputs.items()}
+
+    def embed_chunk(index_and_chunk):
+        index, chunk = index_and_chunk
+        rngs = None if deterministic else {"dropout": jax.random.fold_in(key, index)}
+        embedding, _ = model.apply(
+            {"params": {"backbone": backbone_params}},
+            chunk["input_ids"],
+            chunk["attention_mask"],
+            chunk["token_type_ids"],
+            deterministic=deterministic,
+            method="embed",
+            rngs=rngs,
+        )
+        return embedding
+
+    pooled = jax.lax.map(embed_chunk, (jnp.arange(n), stacked))  # [n, chunk_rows, hidden]
+    return pooled.swapaxes(0, 1).reshape(rows, -1)
+
+
+def run_heads(module: Any, embedding: jax.Array, deterministic: bool):
+    """The heads alone, for ``model.apply(..., method=run_heads)``: they run at their own
+    path inside the full model, so their dropout draws the same masks as in a full pass."""
+    return module.heads(embedding, deterministic=deterministic)
+
+
+def model_forward(model: Any, config: Config | None = None) -> Forward:
+    """The full model on a batch's token inputs: the forward of every uncached step.
+
+    In training (``train=True``) the heads' dropout is on, BERT's only with
+    ``model.backbone_dropout``; when no backbone group can ever train, the model stops
+    gradients at the pooled embedding so XLA drops the backbone's backward pass.
+    ``config=None`` (inference) needs ``train=False``.
+
+    Where no backward pass goes through the backbone (evaluation, or a backbone frozen for
+    the whole run), a long batch runs it :func:`forward_chunk_rows` rows at a time
+    (:func:`pooled_in_chunks`) and the heads on the result: the same embedding up to float
+    rounding, the heads' dropout masks unchanged; BERT's own dropout masks, if on, differ
+    from a one-pass forward's (one key per chunk).
+    """
+    backbone_deterministic = not (config is not None and config.model.backbone_dropout)
+    train_backbone = config is None or backbone_trainable(config.train)
+
+    def forward(params, batch, train, rngs):
+        inputs = model_inputs(batch)
+        rows, length = inputs["input_ids"].shape
+        chunk_rows = forward_chunk_rows(rows, length)
+        if chunk_rows < rows and not (train and train_backbone):
+            deterministic = backbone_deterministic if train else True
+            key = None if rngs is None else rngs.get("dropout")
+            embedding = pooled_in_chunks(
+                model, params["backbone"], inputs, chunk_rows, deterministic, key
+            )
+            logits = model.apply(
+                {"params": {"heads": params["heads"]}},
+                embedding,
+                not train,
+                method=run_heads,
+                rngs=rngs,
+            )
+            return logits, {"embedding": embedding}
+        return model.apply(
+            {"params": model_params(params)},
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["token_type_ids"],
+            deterministic=not train,
+            backbone_deterministic=backbone_deterministic if train else None,
+            train_backbone=train_backbone,
+            rngs=rngs,
+        )
+
+    return Forward(forward, MODEL_INPUTS)
