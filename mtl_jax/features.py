@@ -27,7 +27,7 @@ from mtl_jax.config import Config
 from mtl_jax.data import Dataset
 from mtl_jax.errors import UserError
 from mtl_jax.evaluate import embed_tokenized
-from mtl_jax.forward import Forward, run_heads
+from mtl_jax.forward import Forward, heads_forward
 from mtl_jax.freezing import backbone_trainable
 from mtl_jax.model import MultiTaskModel
 
@@ -117,14 +117,6 @@ def cached_forward(model: MultiTaskModel, config: Config) -> Forward:
         raise UserError("cannot train from cached embeddings: " + "; ".join(blockers))
 
     def forward(params, batch, train, rngs):
-        embedding = batch["embedding"]
-        logits = model.apply(
-            {"params": {"heads": params["heads"]}},
-            embedding,
-            not train,
-            method=run_heads,
-            rngs=rngs,
-        )
-        return logits, {"embedding": embedding}
+        return heads_forward(model, params, batch["embedding"], train, rngs)
 
     return Forward(forward, ("embedding",))

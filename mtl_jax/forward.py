@@ -4,7 +4,7 @@ per task, aux)``.
 :func:`model_forward` is the full model on token inputs; where no backward pass goes
 through the backbone, long batches run it in chunks (:func:`pooled_in_chunks`) on CPU.
 :func:`mtl_jax.features.cached_forward` runs only the heads on a cached embedding
-(:func:`run_heads`). The steps of :mod:`mtl_jax.train` take either.
+(:func:`heads_forward`). The steps of :mod:`mtl_jax.train` take either.
 """
 
 from __future__ import annotations
@@ -118,10 +118,20 @@ def pooled_in_chunks(
     return pooled.swapaxes(0, 1).reshape(rows, -1)
 
 
-def run_heads(module: Any, embedding: jax.Array, deterministic: bool):
-    """The heads alone, for ``model.apply(..., method=run_heads)``: they run at their own
-    path inside the full model, so their dropout draws the same masks as in a full pass."""
+def _run_heads(module: Any, embedding: jax.Array, deterministic: bool):
     return module.heads(embedding, deterministic=deterministic)
+
+
+def heads_forward(model: Any, params: Any, embedding: jax.Array, train: bool, rngs):
+    """The heads alone on a pooled embedding: ``(logits per task, {"embedding"})``.
+
+    They run at their own path inside the full model, so their dropout draws the same masks
+    as in a full forward with the same ``rngs``.
+    """
+    logits = model.apply(
+        {"params": {"heads": params["heads"]}}, embedding, not train, method=_run_heads, rngs=rngs
+    )
+    return logits, {"embedding": embedding}
 
 
 def model_forward(model: Any, config: Config | None = None) -> Forward:
@@ -151,14 +161,7 @@ def model_forward(model: Any, config: Config | None = None) -> Forward:
             embedding = pooled_in_chunks(
                 model, params["backbone"], inputs, chunk_rows, deterministic, key
             )
-            logits = model.apply(
-                {"params": {"heads": params["heads"]}},
-                embedding,
-                not train,
-                method=run_heads,
-                rngs=rngs,
-            )
-            return logits, {"embedding": embedding}
+            return heads_forward(model, params, embedding, train, rngs)
         return model.apply(
             {"params": model_params(params)},
             inputs["input_ids"],
