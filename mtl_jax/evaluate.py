@@ -22,12 +22,11 @@ from mtl_jax.data import (
     eval_batches,
     inference_batches,
     inference_buckets,
-    inference_max_tokens,
     restore_order,
 )
 from mtl_jax.encoder import Tokenized
 from mtl_jax.errors import UserError
-from mtl_jax.forward import MODEL_INPUTS
+from mtl_jax.forward import MODEL_INPUTS, batch_token_budget
 from mtl_jax.metrics import summarize
 from mtl_jax.model import MultiTaskModel
 from mtl_jax.train import make_predict_fn
@@ -97,11 +96,6 @@ def _embed_batch(model: MultiTaskModel, params: Any, batch: dict) -> jax.Array:
         method=MultiTaskModel.embed,
     )
     return embedding
-
-
-def batch_token_budget(batch_size: int) -> int | None:
-    """The padded-token cap of this backend's inference batches (None: no cap)."""
-    return inference_max_tokens(batch_size) if jax.default_backend() == "cpu" else None
 
 
 def map_batches(fn, tokenized: Tokenized, batch_size: int, buckets, max_length: int):

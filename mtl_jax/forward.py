@@ -63,17 +63,22 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
     }
 
 
+def batch_token_budget(batch_size: int) -> int | None:
+    """The padded-token cap of this backend's inference batches (None: no cap).
+
+    CPU only (:func:`mtl_jax.data.inference_max_tokens`); accelerators, where bigger
+    batches pay and memory is the device's, take every row."""
+    return inference_max_tokens(batch_size) if jax.default_backend() == "cpu" else None
+
+
 def forward_chunk_rows(rows: int, length: int) -> int:
     """Rows per pass of a backbone forward that no backward pass follows.
 
-    On CPU, what an inference batch may hold (:func:`mtl_jax.data.inference_max_tokens`:
-    4 rows of 128 tokens out of 32, all 32 rows of 16), down to a divisor of ``rows``: the
-    activations of a long batch no longer set the peak, and the smaller working set is no
-    slower. Elsewhere all rows.
+    What an inference batch may hold (:func:`batch_token_budget`: on CPU 4 rows of 128
+    tokens out of 32, all 32 rows of 16), down to a divisor of ``rows``: the activations of
+    a long batch no longer set the peak, and the smaller working set is no slower.
     """
-    if jax.default_backend() != "cpu":
-        return rows
-    chunk = rows_within(rows, length, inference_max_tokens(rows))
+    chunk = rows_within(rows, length, batch_token_budget(rows))
     while rows % chunk:  # equal chunks: the largest divisor of rows within the budget
         chunk -= 1
     return chunk

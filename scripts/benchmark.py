@@ -235,9 +235,8 @@ def run_rounds(suite, args: argparse.Namespace, data_dir: str) -> tuple[list, di
     ours_rounds: list = []
     theirs_rounds: dict[str, list] = {}
     for rnd in range(args.rounds):
-        suite.peak = bench.matmul_gflops_apart(
-            args.peak_size, dtype=args.peak_dtype
-        )  # the limit now
+        # The limit now, measured apart from this process's peak RSS.
+        suite.peak = bench.matmul_gflops_apart(args.peak_size, dtype=args.peak_dtype)
         results = suite.measure()
         for r in results:
             emit(

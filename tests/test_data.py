@@ -563,7 +563,8 @@ def test_inference_batches_token_budget(tiny_backbone):
 def test_embed_tokenized_same_with_budget(tiny_backbone):
     """The budget changes how rows are batched, not what comes out (row i = input i)."""
     from mtl_jax.encoder import tokenize
-    from mtl_jax.evaluate import batch_token_budget, embed_tokenized
+    from mtl_jax.evaluate import embed_tokenized
+    from mtl_jax.forward import batch_token_budget
     from mtl_jax.model import build_model, init_params
 
     config = Config(model=ModelConfig(backbone="tiny", max_length=128), tasks=())

@@ -12,7 +12,7 @@ import numpy as np
 
 from mtl_jax import data as data_lib
 from mtl_jax.encoder import tokenize
-from mtl_jax.evaluate import batch_token_budget
+from mtl_jax.forward import batch_token_budget
 from mtl_jax.inference import embed_tokenized
 from mtl_jax.model import build_model, init_params
 
