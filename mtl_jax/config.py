@@ -213,6 +213,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "linear"  # constant | linear | cosine (decay after warm-up)
     grad_clip: float = 1.0  # global norm over trainable params; 0 = off
+    token_cutoff: float = 0.0  # training rows: hide this share of their tokens (augmentation)
     ema_decay: float = 0.0  # > 0: evaluate, select and export an EMA of the params (0.999)
     uncertainty_weighting: bool = False  # learn task weights (Kendall et al. 2018)
     eval_every: int = 500  # steps; also at the end of each epoch
@@ -248,6 +249,7 @@ class TrainConfig:
         checks += [(name, getattr(self, name) >= 0, "a number >= 0") for name in rates]
         checks += [("layer_lr_decay", 0 < self.layer_lr_decay <= 1, "in (0, 1]")]
         checks += [("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 = off)")]
+        checks += [("token_cutoff", 0 <= self.token_cutoff < 1, "in [0, 1) (0 = off)")]
         _check_fields(self, "train", checks)
         gradual = 'train.freeze = "gradual"'
         some_layer = "a train.freeze that trains backbone layers (not all, backbone or top:0)"

@@ -1,10 +1,11 @@
 """The feature cache: a frozen, deterministic backbone is run once per dataset, not per step.
 
 When no backbone parameter can train (``train.freeze`` is ``backbone``, ``all`` or
-``top:0``) and BERT's dropout is off (``model.backbone_dropout = false``), the pooled
-embedding of a row is the same at every step of every epoch. Computing it once, in
-length-sorted inference batches, and training the heads from the cache turns each later
-step from a BERT forward pass into a few small matmuls.
+``top:0``), BERT's dropout is off (``model.backbone_dropout = false``) and no token is
+cut off (``train.token_cutoff = 0``), the pooled embedding of a row is the same at every
+step of every epoch. Computing it once, in length-sorted inference batches, and training
+the heads from the cache turns each later step from a BERT forward pass into a few small
+matmuls.
 
 The cached step is :func:`mtl_jax.train.make_train_step` itself, given
 :func:`cached_forward` (the heads on the cached embedding) as its forward. It therefore
@@ -42,6 +43,8 @@ def cache_blockers(config: Config) -> list[str]:
         )
     if config.model.backbone_dropout:
         reasons.append("model.backbone_dropout = true makes every forward pass different")
+    if config.train.token_cutoff:
+        reasons.append("train.token_cutoff > 0 hides different tokens at every step")
     return reasons
 
 

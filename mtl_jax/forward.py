@@ -63,6 +63,26 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
     }
 
 
+CUTOFF_STREAM = 0x0C07  # folded into a step's dropout key: the cutoff's own random stream
+
+
+def cut_off_tokens(inputs: Mapping[str, jax.Array], rate: float, key: jax.Array) -> dict:
+    """``inputs`` with about ``rate`` of each row's word pieces hidden from the encoder.
+
+    Token cutoff (Shen et al. 2020, "A Simple but Tough-to-Beat Data Augmentation
+    Approach"): a hidden token leaves the attention mask, so no other token attends to it
+    and mean pooling skips it; the model must read a sentence's label from the rest of it.
+    ``[CLS]``, ``[SEP]`` (the last unpadded position; rows are right-padded) and padding are
+    never touched, so every row keeps at least two tokens. Training only.
+    """
+    mask = inputs["attention_mask"]
+    position = jnp.arange(mask.shape[1])
+    last = mask.sum(axis=1, keepdims=True) - 1
+    content = (position > 0) & (position < last)
+    hidden = jax.random.bernoulli(key, rate, mask.shape) & content
+    return {**inputs, "attention_mask": jnp.where(hidden, 0, mask).astype(mask.dtype)}
+
+
 def batch_token_budget(batch_size: int) -> int | None:
     """The padded-token cap of this backend's inference batches (None: no cap).
 
@@ -151,13 +171,18 @@ def model_forward(model: Any, config: Config | None = None) -> Forward:
     the whole run), a long batch runs it :func:`forward_chunk_rows` rows at a time
     (:func:`pooled_in_chunks`) and the heads on the result: the same embedding up to float
     rounding, the heads' dropout masks unchanged; BERT's own dropout masks, if on, differ
-    from a one-pass forward's (one key per chunk).
+    from a one-pass forward's (one key per chunk). With ``train.token_cutoff`` a training
+    forward first hides that share of each row's tokens (:func:`cut_off_tokens`).
     """
     backbone_deterministic = not (config is not None and config.model.backbone_dropout)
     train_backbone = config is None or backbone_trainable(config.train)
+    cutoff = 0.0 if config is None else config.train.token_cutoff
 
     def forward(params, batch, train, rngs):
         inputs = model_inputs(batch)
+        if train and cutoff:
+            key = jax.random.fold_in(rngs["dropout"], CUTOFF_STREAM)
+            inputs = cut_off_tokens(inputs, cutoff, key)
         rows, length = inputs["input_ids"].shape
         chunk_rows = forward_chunk_rows(rows, length)
         if chunk_rows < rows and not (train and train_backbone):

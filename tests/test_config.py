@@ -81,6 +81,8 @@ def test_bad_overrides_name_the_key(override, message):
         ({"model": {"remat_min_length": 0}}, "model.remat_min_length"),
         ({"data": {"length_buckets": [64, 32]}}, "data.length_buckets"),
         ({"train": {"layer_lr_decay": 0}}, "train.layer_lr_decay"),
+        ({"train": {"token_cutoff": 1.0}}, "train.token_cutoff"),
+        ({"train": {"token_cutoff": -0.1}}, "train.token_cutoff"),
         ({"tasks": {"class_weighting": "inverse"}}, "tasks.genre.class_weighting"),
         ({"tasks": {"class_weights": [1.0, 2.0]}}, "tasks.genre.class_weights"),
         ({"tasks": {"class_weights": [1, 1, -1, 1, 1]}}, "tasks.genre.class_weights"),

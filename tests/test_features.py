@@ -153,10 +153,19 @@ def test_can_cache(config, freeze, dropout, enabled, expected):
     assert features.can_cache(cfg) is expected
 
 
+def test_token_cutoff_blocks_the_cache(config):
+    cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, token_cutoff=0.1))
+    assert features.can_cache(config) and not features.can_cache(cfg)
+    assert features.cache_blockers(cfg) == [
+        "train.token_cutoff > 0 hides different tokens at every step"
+    ]
+
+
 def test_cached_step_refuses_a_trainable_or_random_backbone(config, tiny_model, tiny_params):
     for cfg in (
         dataclasses.replace(config, train=dataclasses.replace(config.train, freeze="none")),
         dataclasses.replace(config, model=dataclasses.replace(config.model, backbone_dropout=True)),
+        dataclasses.replace(config, train=dataclasses.replace(config.train, token_cutoff=0.1)),
     ):
         with pytest.raises(UserError, match="cached embeddings"):
             features.cached_forward(tiny_model, cfg)
