@@ -22,9 +22,25 @@ from mtl_jax.config import (
 )
 from mtl_jax.data import load_task_datasets
 from mtl_jax.errors import UserError
+from mtl_jax.from_plain import to_plain
 from mtl_jax.presets import demo, real
 
 from data_helpers import resolve_class_weights, resolve_labels
+
+
+def test_the_readmes_config_block_is_every_key_at_its_default():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Configuration", 1)[1]
+    block = tomllib.loads(section.split("```toml\n", 1)[1].split("```", 1)[0])
+    defaults = Config().to_dict()
+    for name in ("model", "data", "train", "parallel"):
+        assert block[name] == defaults[name], name
+    (task,) = block["tasks"]
+    assert set(task) == {f.name for f in dataclasses.fields(TaskConfig)}
+    example = {"name", "train_file", "dev_file", "label_column", "hidden", "dropout"}
+    plain = to_plain(dataclasses.asdict(TaskConfig(name="genre")))
+    expected = {k: v for k, v in plain.items() if k not in example}
+    assert {k: v for k, v in task.items() if k not in example} == expected
 
 
 @pytest.mark.parametrize("make", [demo, real])
