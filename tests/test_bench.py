@@ -137,6 +137,25 @@ def test_cached_train_real_trains_the_heads_from_a_cache_and_refuses_a_live_back
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
+def test_cache_suite_trains_the_same_heads_from_the_cache_as_the_full_step():
+    """The cache suite's two runs (full frozen step, cached step) see the same batches from
+    the same state: their heads and losses agree to float rounding."""
+    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    argv = ["--model", "tiny", "--suite", "cache", "--cache-rows", "64", "--cache-epochs", "2"]
+    argv += ["--max-length", "32", "--batch", "8", "--data-dir", str(SHARED / "data")]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert script.main(argv) == 0
+    (line,) = out.getvalue().splitlines()
+    result = json.loads(line)
+    assert result["suite"] == "cache" and result["steps_per_epoch"] == 8
+    assert len(result["epoch_s_cached"]) == len(result["epoch_s_uncached"]) == 2
+    assert result["max_abs_diff_heads"] < 1e-4 and result["max_abs_diff_loss"] < 1e-4
+    assert result["cache_build_s"] > 0 and result["examples_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
 def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     """The two opt-in diagnostics: the step against a forward pass, XLA's memory account."""
     script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")

@@ -43,8 +43,8 @@ class FeatureCache(Suite):
         o, config = self.opts, self.config
         model, params, optimizer, state = train_parts(config, self.backbone, o.seed)
         key = jax.random.key(o.seed)
-        make = features.make_cached_train_step if cached else make_train_step
-        train_step = self.profiled(make(model, optimizer, config))
+        forward = features.cached_forward(model, config) if cached else None
+        train_step = self.profiled(make_train_step(model, optimizer, config, forward))
         # Compile on a throwaway state, so both runs start from the same params.
         warm = bucket_batches(self.dataset, config)[: 1 if cached else None]
         with self.log.count() as c:
