@@ -19,7 +19,6 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
 from mtl_jax import cli, export
-from mtl_jax.checkpoint import Checkpointer, write_run_files
 from mtl_jax.config import Config, ModelConfig, default_tasks
 from mtl_jax.encoder import (
     EXPORT_INFO_FILE,
@@ -33,6 +32,7 @@ from mtl_jax.inference import SentenceEncoder, load_trained
 from mtl_jax.model import build_model, init_params
 
 from conftest import HAS_MINILM
+from run_helpers import BEST, LATEST, make_run
 
 TEXTS = [
     "the detective found a clue.",
@@ -40,40 +40,7 @@ TEXTS = [
     "kiss",
     "the clown laughed and the crowd laughed with him in the old theatre near the river",
 ]
-LATEST, BEST = 12, 8
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "sentence_transformers"))
-
-
-def _perturbed(params, seed: int):
-    """Params with every leaf moved, so a dropped transpose or a swapped tensor shows."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    rng = np.random.default_rng(seed)
-    moved = [np.asarray(x) + rng.normal(0, 0.05, np.shape(x)).astype(np.float32) for x in leaves]
-    return jax.tree_util.tree_unflatten(treedef, moved)
-
-
-def make_run(workdir: Path, **model) -> Path:
-    """A tiny run directory: latest checkpoint at step 12, best at 8, dev events in metrics."""
-    config = Config(
-        model=ModelConfig(backbone="tiny", max_length=32, **model), tasks=default_tasks()
-    ).validate()
-    backbone = load_backbone("tiny")
-    write_run_files(workdir, config, backbone.bert_config, backbone.tokenizer)
-    base = init_params(build_model(config, backbone), jax.random.key(0), backbone)
-    checkpointer = Checkpointer(workdir, config=config)
-    opt_state = {"count": np.zeros((), np.int32)}
-    checkpointer.save(LATEST, _perturbed(base, LATEST), opt_state, {"step": LATEST})
-    checkpointer.save_best(BEST, _perturbed(base, BEST), {"step": BEST}, score=0.5)
-    checkpointer.close()
-    events = [
-        {"step": step, "epoch": step / 12, "split": "dev", "loss": 2.0,
-         "genre/accuracy": acc, "genre/macro_f1": acc / 2, "genre/loss": 1.5,
-         "sentiment/accuracy": acc + 0.1, "sentiment/macro_f1": acc, "sentiment/loss": 0.5}
-        for step, acc in ((4, 0.25), (BEST, 0.5), (LATEST, 0.375))
-    ]  # fmt: skip
-    lines = [json.dumps(e) for e in events]
-    (workdir / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return workdir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""Dev scores of a weighted mean of trained models' params (weight averaging across runs).
+
+Fine-tuned runs that start from the same pretrained weights and the same head
+initialisation usually lie in one basin: the element-wise mean of their params (a
+"model soup", Wortsman et al. 2022) can score better than any one of them. This script
+scores such means on dev files, for the model-quality study (docs/model_quality.md):
+
+    .venv/bin/python scripts/weight_average.py runs/experiments/real \\
+        runs/experiments/real-llrd0.8 runs/experiments/real-5ep
+
+Each model is ``RUN_DIR[:which]`` (``latest``, ``best`` or ``average``, as ``mtl-jax eval
+--which``; the EMA when the run kept one). ``--weights`` weighs them (default equal);
+``--pretrained-weight a`` also mixes the packaged pretrained backbone in at weight ``a``
+against the runs' mean backbone (WiSE-FT, Wortsman et al. 2022), the heads staying the
+runs' mean. Prints one JSON line: the models, weights and every task's dev scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mtl_jax.checkpoint import WHICH
+from mtl_jax.encoder import load_backbone
+from mtl_jax.errors import UserError
+from mtl_jax.inference import Trained, evaluate_files, load_trained
+from mtl_jax.model import init_params
+from mtl_jax.presets import DATA_DIR_ENV, data_folder_tasks
+
+
+def weighted_mean(trees: Sequence[Any], weights: Sequence[float]) -> Any:
+    """``sum_i w_i * tree_i / sum_i w_i`` leaf by leaf, summed in float64, each leaf's dtype kept."""
+    if len(trees) != len(weights) or not trees:
+        raise UserError(f"--weights: {len(weights)} weights for {len(trees)} models")
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"--weights: expected numbers >= 0, not all 0, got {list(weights)}")
+    share = np.asarray(weights, np.float64) / float(np.sum(weights))
+
+    def mean(*leaves):
+        total = sum(w * np.asarray(x, np.float64) for w, x in zip(share, leaves, strict=True))
+        return total.astype(np.asarray(leaves[0]).dtype)
+
+    return jax.tree.map(mean, *trees)
+
+
+def load_models(specs: Sequence[str]) -> list[Trained]:
+    """Each ``RUN_DIR[:which]`` restored; all must share the first one's tasks, labels and
+    param shapes (else their mean is meaningless), or UserError names the odd one."""
+    models = []
+    for spec in specs:
+        directory, _, which = spec.partition(":")
+        models.append(load_trained(directory, which or "latest"))
+        first, last = models[0], models[-1]
+        labels = [t.labels for t in last.config.tasks]
+        if labels != [t.labels for t in first.config.tasks]:
+            raise UserError(f"{spec}: its tasks or labels differ from {specs[0]}'s")
+        shapes = [jax.tree.map(np.shape, m.params) for m in (first, last)]
+        if shapes[0] != shapes[1]:
+            raise UserError(f"{spec}: its params differ in structure or shape from {specs[0]}'s")
+    return models
+
+
+def pretrained_backbone(trained: Trained) -> Any:
+    """The backbone ``trained`` was fine-tuned from, as its params were first built."""
+    source = trained.config.model.backbone
+    params = init_params(trained.model, jax.random.key(0), load_backbone(source))
+    return params["backbone"]
+
+
+def average_scores(
+    specs: Sequence[str],
+    files: dict[str, str],
+    weights: Sequence[float] | None = None,
+    pretrained_weight: float = 0.0,
+) -> dict[str, Any]:
+    """The dev scores of the weighted mean of ``specs``' params on ``files`` ``{task: path}``."""
+    if not 0 <= pretrained_weight < 1:
+        raise UserError(
+            f"--pretrained-weight: expected a number in [0, 1), got {pretrained_weight}"
+        )
+    models = load_models(specs)
+    weights = list(weights) if weights else [1.0] * len(models)
+    params = weighted_mean([m.params for m in models], weights)
+    if pretrained_weight:
+        backbone = weighted_mean(
+            [params["backbone"], pretrained_backbone(models[0])],
+            [1 - pretrained_weight, pretrained_weight],
+        )
+        params = {**params, "backbone": backbone}
+    scores = evaluate_files(dataclasses.replace(models[0], params=params), files)
+    return {
+        "models": list(specs),
+        "weights": weights,
+        "pretrained_weight": pretrained_weight,
+        "scores": scores,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help=f"RUN_DIR[:which], which in {WHICH}")
+    parser.add_argument("--weights", nargs="+", type=float, help="one per model (default equal)")
+    parser.add_argument("--pretrained-weight", type=float, default=0.0)
+    parser.add_argument(
+        "--data",
+        action="append",
+        help="TASK=FILE (default: the real data's dev files, ../shared/data or $MTL_JAX_DATA)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        files = dict(item.partition("=")[::2] for item in args.data) if args.data else None
+        if files is None:
+            folder = Path(os.environ.get(DATA_DIR_ENV) or "../shared/data")
+            files = {t.name: t.dev_file for t in data_folder_tasks(folder, "sst2_phrases")}
+        result = average_scores(args.models, files, args.weights, args.pretrained_weight)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

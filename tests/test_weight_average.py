@@ -1,0 +1,93 @@
+"""scripts/weight_average.py: weighted means of trained models' params, scored on dev files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mtl_jax.errors import UserError
+from mtl_jax.inference import evaluate_files, load_trained
+
+from run_helpers import make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+GENRE = ("adventure", "humor", "mystery", "romance", "science_fiction")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location(
+        "weight_average", ROOT / "scripts/weight_average.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("soup")
+    run = make_run(root / "run")
+    words = ["the detective found a clue", "a robot on the ship", "kiss", "the clown laughed"]
+    genre = root / "genre.tsv"
+    genre.write_text(
+        "text\tgenre\n" + "".join(f"{w} {i}\t{GENRE[i % 5]}\n" for i, w in enumerate(words * 3))
+    )
+    sentiment = root / "sentiment.tsv"
+    labels = ("negative", "positive")
+    sentiment.write_text(
+        "text\tsentiment\n" + "".join(f"{w}\t{labels[i % 2]}\n" for i, w in enumerate(words * 2))
+    )
+    return run, {"genre": str(genre), "sentiment": str(sentiment)}
+
+
+def test_weighted_mean_is_exact_and_keeps_dtypes(script):
+    a = {"w": np.array([1.0, 2.0], np.float32), "n": {"b": np.array(4.0, np.float32)}}
+    b = {"w": np.array([5.0, 6.0], np.float32), "n": {"b": np.array(0.0, np.float32)}}
+    mean = script.weighted_mean([a, b], [1.0, 3.0])
+    np.testing.assert_array_equal(mean["w"], [4.0, 5.0])
+    assert mean["n"]["b"] == 1.0 and mean["w"].dtype == np.float32
+    with pytest.raises(UserError, match="--weights: 1 weights for 2 models"):
+        script.weighted_mean([a, b], [1.0])
+    with pytest.raises(UserError, match="--weights: expected numbers >= 0"):
+        script.weighted_mean([a, b], [1.0, -1.0])
+
+
+def test_scores_are_those_of_the_mean_params(script, setup):
+    run, files = setup
+    latest, best = load_trained(str(run), "latest"), load_trained(str(run), "best")
+    alone = script.average_scores([f"{run}:latest"], files)["scores"]
+    assert alone == evaluate_files(latest, files)
+    # Weight 0 drops a model; the mean of two differs from both.
+    assert script.average_scores([f"{run}", f"{run}:best"], files, [1, 0])["scores"] == alone
+    both = script.average_scores([f"{run}", f"{run}:best"], files)["scores"]
+    mean = jax.tree.map(lambda x, y: (np.float64(x) + y) / 2, latest.params, best.params)
+    by_hand = evaluate_files(
+        latest.__class__(**{**latest.__dict__, "params": jax.tree.map(np.float32, mean)}), files
+    )
+    for task in files:
+        np.testing.assert_allclose(both[task]["loss"], by_hand[task]["loss"], rtol=1e-5)
+        assert both[task]["loss"] != alone[task]["loss"]
+    # WiSE-FT: the pretrained backbone mixed in moves the scores; the heads stay the runs'.
+    wise = script.average_scores([str(run)], files, pretrained_weight=0.5)["scores"]
+    assert wise["genre"]["loss"] != alone["genre"]["loss"]
+
+
+def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
+    run, files = setup
+    data = [x for task, path in files.items() for x in ("--data", f"{task}={path}")]
+    assert script.main([str(run), str(run), "--weights", "1", *data]) == 2
+    assert capsys.readouterr().err == "error: --weights: 1 weights for 2 models\n"
+    assert script.main([str(run), "--pretrained-weight", "1", *data]) == 2
+    assert "--pretrained-weight: expected a number in [0, 1)" in capsys.readouterr().err
+    assert script.main([str(tmp_path / "nowhere"), *data]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
+    assert script.main([str(run), *data]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["models"] == [str(run)] and set(result["scores"]) == set(files)
