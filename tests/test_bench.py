@@ -6,7 +6,6 @@ No timing is asserted anywhere: benchmarks report, tests check.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import sys
@@ -18,20 +17,12 @@ import pytest
 
 from mtl_jax.synthetic import make_rows
 
-from conftest import SHARED
+from conftest import ROOT, SHARED, load_module, load_script
 from probes import traced_steps
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # the harness lives beside the scripts using it
 
 import bench  # noqa: E402
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_flops_match_the_shared_baseline_formula():
@@ -41,7 +32,7 @@ def test_flops_match_the_shared_baseline_formula():
         pytest.skip(f"{path} not found")
     sys.path.insert(0, str(path.parent))
     try:
-        benchlib = _load("benchlib", path)
+        benchlib = load_module(path, "benchlib")
     finally:
         sys.path.remove(str(path.parent))
     from transformers import BertConfig
@@ -91,7 +82,7 @@ def test_subset_keeps_rows_aligned(tiny_config, tiny_backbone):
 
 @pytest.mark.slow
 def test_benchmark_script_prints_one_json_line_per_result():
-    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = load_script("benchmark")
     out = io.StringIO()
     argv = ["--model", "tiny", "--suite", "train", "--seq-len", "16", "--steps", "2"]
     with redirect_stdout(out):
@@ -119,7 +110,7 @@ def test_matmul_peak_is_measured_in_a_child_process_on_cpu(monkeypatch):
 def test_cached_train_real_trains_the_heads_from_a_cache_and_refuses_a_live_backbone(capsys):
     """--cached times mtl-jax train's frozen path: the cache is built once (its time
     reported), the timed steps never recompile; a backbone that trains cannot be cached."""
-    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = load_script("benchmark")
     argv = ["--model", "tiny", "--suite", "train-real", "--freeze", "backbone", "--cached"]
     argv += ["--max-length", "32", "--steps", "3", "--batch", "8", "--peak-size", "256"]
     argv += ["--data-dir", str(SHARED / "data")]
@@ -140,7 +131,7 @@ def test_cached_train_real_trains_the_heads_from_a_cache_and_refuses_a_live_back
 def test_cache_suite_trains_the_same_heads_from_the_cache_as_the_full_step():
     """The cache suite's two runs (full frozen step, cached step) see the same batches from
     the same state: their heads and losses agree to float rounding."""
-    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = load_script("benchmark")
     argv = ["--model", "tiny", "--suite", "cache", "--cache-rows", "64", "--cache-epochs", "2"]
     argv += ["--max-length", "32", "--batch", "8", "--data-dir", str(SHARED / "data")]
     out = io.StringIO()
@@ -158,7 +149,7 @@ def test_cache_suite_trains_the_same_heads_from_the_cache_as_the_full_step():
 @pytest.mark.skipif(not (SHARED / "data" / "sst2").is_dir(), reason="../shared/data absent")
 def test_frozen_train_real_reports_the_step_against_a_forward_pass():
     """The two opt-in diagnostics: the step against a forward pass, XLA's memory account."""
-    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = load_script("benchmark")
     out = io.StringIO()
     argv = ["--model", "tiny", "--suite", "train-real", "--freeze", "backbone", "--backbone-eval"]
     argv += [
@@ -184,7 +175,7 @@ def test_frozen_train_real_reports_the_step_against_a_forward_pass():
 
 
 def test_benchmark_refuses_a_bad_profile_range(capsys):
-    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = load_script("benchmark")
     assert script.main(["--model", "tiny", "--profile", "4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --profile '4': expected START:END")
@@ -193,7 +184,7 @@ def test_benchmark_refuses_a_bad_profile_range(capsys):
 @pytest.mark.slow
 def test_benchmark_profile_traces_the_named_steps(tmp_path):
     """Call 0 compiles (one sequence length), calls 1-2 are the timed steps: 1:2 traces both."""
-    script = _load("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    script = load_script("benchmark")
     argv = ["--model", "tiny", "--suite", "train", "--seq-len", "16", "--steps", "3"]
     argv += ["--warmup", "1", "--batch", "4", "--peak-size", "256"]
     out = io.StringIO()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -25,6 +24,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.from_plain import to_plain
 from mtl_jax.presets import demo, real
 
+from conftest import load_script
 from data_helpers import resolve_class_weights, resolve_labels
 
 
@@ -324,10 +324,7 @@ def test_the_study_rows_still_train_the_round1_real_preset(monkeypatch):
     documented numbers keep their commands whatever the preset becomes (the old body of
     presets.real, verbatim)."""
     monkeypatch.setenv("MTL_JAX_DATA", "data")
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("experiments", root / "scripts/experiments.py")
-    experiments = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiments)
+    experiments = load_script("experiments")
     genre, sentiment = default_tasks()
     round1 = Config(
         model=ModelConfig(backbone="minilm", max_length=128),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from scipy.stats import rankdata
 
 from mtl_jax.inference import SentenceEncoder
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 WORDS = {  # class -> words only that class uses (all in the tiny vocabulary)
     "adventure": ("jungle", "rifle", "river", "mountain", "map"),
     "mystery": ("detective", "murder", "clue", "alibi", "poison"),
@@ -28,12 +28,7 @@ SENTIMENT = {
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location(
-        "embedding_study", ROOT / "scripts/embedding_study.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("embedding_study")
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,20 +11,15 @@ import pytest
 from mtl_jax.errors import UserError
 from mtl_jax.inference import evaluate_files, load_trained
 
+from conftest import load_script
 from run_helpers import make_run
 
-ROOT = Path(__file__).resolve().parents[1]
 GENRE = ("adventure", "humor", "mystery", "romance", "science_fiction")
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location(
-        "weight_average", ROOT / "scripts/weight_average.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("weight_average")
 
 
 @pytest.fixture(scope="module")
