@@ -57,8 +57,12 @@ def load_models(specs: Sequence[str]) -> list[Trained]:
     param shapes (else their mean is meaningless), or UserError names the odd one."""
     models = []
     for spec in specs:
-        directory, _, which = spec.partition(":")
-        models.append(load_trained(directory, which or "latest"))
+        directory, sep, which = spec.rpartition(":")
+        if not sep:
+            directory, which = spec, "latest"
+        elif which not in WHICH:
+            raise UserError(f"{spec}: expected RUN_DIR[:which] with which one of {WHICH}")
+        models.append(load_trained(directory, which))
         first, last = models[0], models[-1]
         labels = [t.labels for t in last.config.tasks]
         if labels != [t.labels for t in first.config.tasks]:
@@ -105,6 +109,13 @@ def average_scores(
     }
 
 
+def _task_file(item: str) -> tuple[str, str]:
+    task, sep, path = item.partition("=")
+    if not (task and sep and path):
+        raise UserError(f"--data {item!r}: expected TASK=FILE")
+    return task, path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help=f"RUN_DIR[:which], which in {WHICH}")
@@ -117,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        files = dict(item.partition("=")[::2] for item in args.data) if args.data else None
+        files = dict(_task_file(item) for item in args.data) if args.data else None
         if files is None:
             folder = Path(os.environ.get(DATA_DIR_ENV) or "../shared/data")
             files = {t.name: t.dev_file for t in data_folder_tasks(folder, "sst2_phrases")}

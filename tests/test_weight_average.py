@@ -78,6 +78,10 @@ def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
     assert capsys.readouterr().err == "error: --weights: 1 weights for 2 models\n"
     assert script.main([str(run), "--pretrained-weight", "1", *data]) == 2
     assert "--pretrained-weight: expected a number in [0, 1)" in capsys.readouterr().err
+    assert script.main([f"{run}:newest", *data]) == 2
+    assert "newest: expected RUN_DIR[:which] with which one of" in capsys.readouterr().err
+    assert script.main([str(run), "--data", "genre"]) == 2
+    assert capsys.readouterr().err == "error: --data 'genre': expected TASK=FILE\n"
     assert script.main([str(tmp_path / "nowhere"), *data]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
