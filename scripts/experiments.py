@@ -117,6 +117,12 @@ ROWS = {
     "genre2-seed1": preset(*GENRE2, "train.seed=1", tasks="genre"),
     "genre2-seed2": preset(*GENRE2, "train.seed=2", tasks="genre"),
     "genre2-lr3e-5": preset(*GENRE2, "train.learning_rate=3e-5", tasks="genre"),
+    "genre2-lr3e-5-seed1": preset(
+        *GENRE2, "train.learning_rate=3e-5", "train.seed=1", tasks="genre"
+    ),
+    "genre2-lr3e-5-seed2": preset(
+        *GENRE2, "train.learning_rate=3e-5", "train.seed=2", tasks="genre"
+    ),
     "genre2-layer-4": preset(*GENRE2, "model.layer=-4", tasks="genre"),
     "genre2-llrd0.7": preset(*GENRE2, "train.layer_lr_decay=0.7", tasks="genre"),
     "genre2-top2": preset(*GENRE2, 'train.freeze="top:2"', tasks="genre"),
