@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = dict(_task_file(item) for item in args.data) if args.data else None
         if files is None:
             folder = Path(os.environ.get(DATA_DIR_ENV) or "../shared/data")
-            files = {t.name: t.dev_file for t in data_folder_tasks(folder, "sst2_phrases")}
+            files = {t.name: t.dev_file for t in data_folder_tasks(folder)}
         result = average_scores(args.models, files, args.weights, args.pretrained_weight)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

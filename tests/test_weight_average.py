@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -61,7 +62,7 @@ def test_scores_are_those_of_the_mean_params(script, setup):
     both = script.average_scores([f"{run}", f"{run}:best"], files)["scores"]
     mean = jax.tree.map(lambda x, y: (np.float64(x) + y) / 2, latest.params, best.params)
     by_hand = evaluate_files(
-        latest.__class__(**{**latest.__dict__, "params": jax.tree.map(np.float32, mean)}), files
+        dataclasses.replace(latest, params=jax.tree.map(np.float32, mean)), files
     )
     for task in files:
         np.testing.assert_allclose(both[task]["loss"], by_hand[task]["loss"], rtol=1e-5)
