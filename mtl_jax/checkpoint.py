@@ -35,7 +35,7 @@ import numpy as np
 from mtl_jax.config import Config
 from mtl_jax.ema import find_ema, with_ema
 from mtl_jax.errors import UserError
-from mtl_jax.trees import Params, tree_diff
+from mtl_jax.trees import Params, tree_diff, weighted_mean
 
 CONFIG_FILE = "config.json"
 BERT_CONFIG_FILE = "bert_config.json"
@@ -382,17 +382,21 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
         if which != "average":
             return _restore_step(manager, directory, step)
         steps = sorted(manager.all_steps())
-        # Summed in float64, one checkpoint read at a time.
-        total = None
-        for s in steps:
-            params, meta = _restore_step(manager, directory, s)
-            if total is not None:  # one run's checkpoints share one tree; say so if not
-                check_params_fit(params, total, str(directory / str(s)))
-            wide = jax.tree_util.tree_map(lambda x: x.astype(np.float64), params)
-            total = wide if total is None else jax.tree_util.tree_map(np.add, total, wide)
+        metas = []
+
+        def read_each():  # one checkpoint in memory at a time, beside the running sum
+            for s in steps:
+                params, meta = _restore_step(manager, directory, s)
+                metas.append((s, meta))
+                yield params
+
+        def fits(params, first):  # one run's checkpoints share one tree; say so if not
+            check_params_fit(params, first, str(directory / str(metas[-1][0])))
+
+        mean = weighted_mean(read_each(), check=fits)
     finally:
         manager.close()
-    mean = jax.tree_util.tree_map(lambda t, x: (t / len(steps)).astype(x.dtype), total, params)
+    meta = metas[-1][1]
     return mean, {**meta, "averaged_steps": steps}
 
 

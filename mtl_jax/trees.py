@@ -1,5 +1,6 @@
-"""The one parameter-tree type, the one way to compare two trees, and the one way to find a
-state node (the unfreezing gate's, the EMA's) inside an optimiser state.
+"""The one parameter-tree type, the one way to compare two trees, the one way to average
+them, and the one way to find a state node (the unfreezing gate's, the EMA's) inside an
+optimiser state.
 
 Params are nested dicts of arrays (what ``flax`` ``init`` returns, unboxed). Loading
 pretrained weights and restoring a checkpoint both have to say which leaves of one tree
@@ -9,6 +10,7 @@ on ``flax.traverse_util.flatten_dict`` paths, so every caller reports the same t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import jax
@@ -49,3 +51,45 @@ def find_node(tree: Any, kind: type[Node]) -> Node | None:
     if len(found) > 1:
         raise ValueError(f"expected at most one {kind.__name__} in the tree, found {len(found)}")
     return found[0] if found else None
+
+
+def weighted_mean(
+    trees: Iterable[Any],
+    weights: Iterable[float] | None = None,
+    check: Callable[[Any, Any], None] | None = None,
+) -> Any:
+    """``sum_i w_i * tree_i / sum_i w_i`` leaf by leaf (weights 1 when None).
+
+    Summed in float64 one tree at a time, so an iterator of trees (checkpoints read one by
+    one) holds only one tree and the running sum; each leaf keeps the first tree's dtype.
+    ``check(tree, first)`` runs on every later tree before it is added, ``first`` being the
+    first tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), e.g. to name the
+    checkpoint whose tree does not fit. ValueError when there are no trees, when the
+    weights and trees differ in number, or when the weights sum to 0.
+    """
+    weights = None if weights is None else [float(w) for w in weights]
+    total = first = None
+    count = 0
+    for tree in trees:
+        weight = 1.0 if weights is None else (weights[count] if count < len(weights) else None)
+        if weight is None:
+            raise ValueError(f"more trees than the {len(weights)} weights")
+        if first is None:
+            first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), tree)
+        elif check is not None:
+            check(tree, first)
+        wide = jax.tree.map(lambda x, w=weight: w * np.asarray(x, np.float64), tree)
+        total = wide if total is None else jax.tree.map(np.add, total, wide)
+        count += 1
+    if first is None:
+        raise ValueError("no trees to average")
+    if weights is not None and count != len(weights):
+        raise ValueError(f"{len(weights)} weights for {count} trees")
+    norm = float(sum(weights)) if weights is not None else float(count)
+    if norm == 0:
+        raise ValueError("the weights sum to 0")
+    return jax.tree.map(lambda t, x: (t / norm).astype(x.dtype), total, first)
+
+
+def _dtype(leaf: Any) -> np.dtype:
+    return leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype

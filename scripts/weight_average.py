@@ -35,21 +35,16 @@ from mtl_jax.errors import UserError
 from mtl_jax.inference import Trained, evaluate_files, load_trained
 from mtl_jax.model import init_params
 from mtl_jax.presets import DATA_DIR_ENV, data_folder_tasks
+from mtl_jax.trees import weighted_mean
 
 
-def weighted_mean(trees: Sequence[Any], weights: Sequence[float]) -> Any:
-    """``sum_i w_i * tree_i / sum_i w_i`` leaf by leaf, summed in float64, each leaf's dtype kept."""
-    if len(trees) != len(weights) or not trees:
-        raise UserError(f"--weights: {len(weights)} weights for {len(trees)} models")
+def checked_weights(weights: Sequence[float], count: int) -> list[float]:
+    """``weights`` when there is one per model, each >= 0 and not all 0; else UserError."""
+    if len(weights) != count:
+        raise UserError(f"--weights: {len(weights)} weights for {count} models")
     if min(weights) < 0 or sum(weights) <= 0:
         raise UserError(f"--weights: expected numbers >= 0, not all 0, got {list(weights)}")
-    share = np.asarray(weights, np.float64) / float(np.sum(weights))
-
-    def mean(*leaves):
-        total = sum(w * np.asarray(x, np.float64) for w, x in zip(share, leaves, strict=True))
-        return total.astype(np.asarray(leaves[0]).dtype)
-
-    return jax.tree.map(mean, *trees)
+    return list(weights)
 
 
 def load_models(specs: Sequence[str]) -> list[Trained]:
@@ -92,7 +87,7 @@ def average_scores(
             f"--pretrained-weight: expected a number in [0, 1), got {pretrained_weight}"
         )
     models = load_models(specs)
-    weights = list(weights) if weights else [1.0] * len(models)
+    weights = checked_weights(weights, len(models)) if weights else [1.0] * len(models)
     params = weighted_mean([m.params for m in models], weights)
     if pretrained_weight:
         backbone = weighted_mean(

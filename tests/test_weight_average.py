@@ -40,16 +40,14 @@ def setup(tmp_path_factory):
     return run, {"genre": str(genre), "sentiment": str(sentiment)}
 
 
-def test_weighted_mean_is_exact_and_keeps_dtypes(script):
-    a = {"w": np.array([1.0, 2.0], np.float32), "n": {"b": np.array(4.0, np.float32)}}
-    b = {"w": np.array([5.0, 6.0], np.float32), "n": {"b": np.array(0.0, np.float32)}}
-    mean = script.weighted_mean([a, b], [1.0, 3.0])
-    np.testing.assert_array_equal(mean["w"], [4.0, 5.0])
-    assert mean["n"]["b"] == 1.0 and mean["w"].dtype == np.float32
+def test_weights_are_checked_before_any_mean(script):
+    assert script.checked_weights([1.0, 0.0], 2) == [1.0, 0.0]
     with pytest.raises(UserError, match="--weights: 1 weights for 2 models"):
-        script.weighted_mean([a, b], [1.0])
+        script.checked_weights([1.0], 2)
     with pytest.raises(UserError, match="--weights: expected numbers >= 0"):
-        script.weighted_mean([a, b], [1.0, -1.0])
+        script.checked_weights([1.0, -1.0], 2)
+    with pytest.raises(UserError, match="--weights: expected numbers >= 0, not all 0"):
+        script.checked_weights([0.0, 0.0], 2)
 
 
 def test_scores_are_those_of_the_mean_params(script, setup):

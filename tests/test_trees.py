@@ -1,0 +1,60 @@
+"""mtl_jax.trees.weighted_mean: the one mean of param trees (run soups, checkpoint averaging)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_jax.trees import weighted_mean
+
+
+def tree(w, b, dtype=np.float32):
+    return {"w": np.array(w, dtype), "n": {"b": np.array(b, np.float16)}}
+
+
+def test_weighted_mean_is_exact_and_keeps_each_leafs_dtype():
+    mean = weighted_mean([tree([1.0, 2.0], 4.0), tree([5.0, 6.0], 0.0)], [1.0, 3.0])
+    np.testing.assert_array_equal(mean["w"], [4.0, 5.0])
+    assert mean["n"]["b"] == 1.0
+    assert mean["w"].dtype == np.float32 and mean["n"]["b"].dtype == np.float16
+    # Without weights: the plain mean; jax arrays in, numpy out.
+    plain = weighted_mean([{"x": jnp.ones(3)}, {"x": jnp.zeros(3)}, {"x": jnp.full(3, 2.0)}])
+    np.testing.assert_array_equal(plain["x"], [1.0, 1.0, 1.0])
+
+
+def test_the_sum_is_float64_then_cast():
+    # 2**24 + 1 is not a float32: summed in float32 the two ones would vanish (mean
+    # 5592405.5); in float64 the mean is exactly (2**24 + 2) / 3 = 5592406.
+    trees = [{"x": np.array([v], np.float32)} for v in (2.0**24, 1.0, 1.0)]
+    assert np.float32(np.float32(2.0**24) + np.float32(1.0)) == np.float32(2.0**24)
+    assert weighted_mean(trees)["x"][0] == 5592406.0
+
+
+def test_reads_an_iterator_one_tree_at_a_time_and_checks_each_later_tree():
+    alive, checked = [], []
+
+    def each():
+        for i in range(3):
+            alive.append(i)
+            yield tree([float(i)], float(i))
+
+    def check(later, first):
+        checked.append(later["w"][0])
+        assert first["w"].shape == (1,) and first["w"].dtype == np.float32
+        assert not isinstance(first["w"], np.ndarray)  # shapes only: no second copy held
+
+    mean = weighted_mean(each(), check=check)
+    assert mean["w"][0] == 1.0 and alive == [0, 1, 2] and checked == [1.0, 2.0]
+
+
+def test_bad_weights_and_no_trees_raise():
+    trees = [tree([1.0], 0.0), tree([2.0], 0.0)]
+    with pytest.raises(ValueError, match="1 weights for 2 trees|more trees than the 1 weights"):
+        weighted_mean(trees, [1.0])
+    with pytest.raises(ValueError, match="3 weights for 2 trees"):
+        weighted_mean(trees, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="sum to 0"):
+        weighted_mean(trees, [1.0, -1.0])
+    with pytest.raises(ValueError, match="no trees"):
+        weighted_mean([])
