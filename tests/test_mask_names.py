@@ -38,7 +38,11 @@ def test_writes_the_masked_file_the_trainer_reads(script, tmp_path, capsys):
     out = tmp_path / "out" / "train.tsv"
     assert script.main([str(source), str(out)]) == 0
     rows = read_rows(out, "text", ["genre"])
-    assert [r.text for r in rows] == ['"Go, [MASK]", he said.', "[MASK] smiled at [MASK].", "the end"]
+    assert [r.text for r in rows] == [
+        '"Go, [MASK]", he said.',
+        "[MASK] smiled at [MASK].",
+        "the end",
+    ]
     assert [r.labels["genre"] for r in rows] == ["mystery", "romance", "humor"]
     assert "2 names masked in 2 of 3 rows" in capsys.readouterr().out
 
