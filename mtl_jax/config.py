@@ -224,7 +224,8 @@ class TrainConfig:
     log_every: int = 50
     skip_nonfinite: bool = False  # skip (and count) a batch with a non-finite loss or grad
     cache_features: bool = True  # frozen deterministic backbone: embed once, train heads
-    seed: int = 0
+    seed: int = 0  # data order, dropout and (unless init_seed) the initial weights
+    init_seed: int = -1  # the initial weights (the heads'); -1: train.seed (runs to average share one)
 
     @property
     def freeze_spec(self) -> FreezeSpec:
@@ -250,6 +251,7 @@ class TrainConfig:
         checks += [("layer_lr_decay", 0 < self.layer_lr_decay <= 1, "in (0, 1]")]
         checks += [("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 = off)")]
         checks += [("token_cutoff", 0 <= self.token_cutoff < 1, "in [0, 1) (0 = off)")]
+        checks += [("init_seed", self.init_seed >= -1, "an integer >= 0, or -1 (train.seed)")]
         _check_fields(self, "train", checks)
         gradual = 'train.freeze = "gradual"'
         some_layer = "a train.freeze that trains backbone layers (not all, backbone or top:0)"

@@ -112,6 +112,19 @@ def check_workdir(workdir: Path) -> None:
         )
 
 
+def run_keys(config: Config) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, train_key)``: the heads' initial weights and the step's dropout stream.
+
+    Both come from ``train.seed``; ``train.init_seed`` (when >= 0) takes the init key from
+    its own seed instead, so runs that differ in data order and dropout (their seeds) can
+    start from one set of weights, which averaging their params needs (model soups).
+    """
+    init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
+    if config.train.init_seed >= 0:
+        init_key = jax.random.split(jax.random.key(config.train.init_seed))[0]
+    return init_key, train_key
+
+
 def total_steps(config: Config, steps_per_epoch: int) -> int:
     """The run's length: ``epochs`` epochs, capped by ``max_steps`` when that is set."""
     by_epochs = config.train.epochs * steps_per_epoch
@@ -181,7 +194,7 @@ def setup_run(
         write_run_files(workdir, config, backbone.bert_config, backbone.tokenizer)
 
     model = build_model(config, backbone)
-    init_key, train_key = jax.random.split(jax.random.key(config.train.seed))
+    init_key, train_key = run_keys(config)
     spe = data_lib.steps_per_epoch(run_data.train, config)
     n_steps = total_steps(config, spe)
     params = init_train_params(init_params(model, init_key, backbone), config)

@@ -99,6 +99,7 @@ def test_bad_overrides_name_the_key(override, message):
         ({"train": {"layer_lr_decay": 0}}, "train.layer_lr_decay"),
         ({"train": {"token_cutoff": 1.0}}, "train.token_cutoff"),
         ({"train": {"token_cutoff": -0.1}}, "train.token_cutoff"),
+        ({"train": {"init_seed": -2}}, "train.init_seed"),
         ({"tasks": {"class_weighting": "inverse"}}, "tasks.genre.class_weighting"),
         ({"tasks": {"class_weights": [1.0, 2.0]}}, "tasks.genre.class_weights"),
         ({"tasks": {"class_weights": [1, 1, -1, 1, 1]}}, "tasks.genre.class_weights"),

@@ -116,3 +116,28 @@ def test_data_skip_empty_drops_empty_training_rows(tmp_path, tiny_backbone):
     run_data = load_run_data(config, tiny_backbone.tokenizer)
     assert len(run_data.train) == 2
     assert run_data.config.task("sentiment").labels == ("negative", "positive")
+
+
+def test_init_seed_shares_the_initial_weights_and_nothing_else(tmp_path):
+    """Runs to average (model soups) start from one set of weights: ``train.init_seed``
+    fixes it while ``train.seed`` still moves the data order and the dropout stream."""
+
+    def first_batch(run):
+        stream = run.batches()
+        return next(iter(stream))["input_ids"]
+
+    base = setup_run(_config(), tmp_path / "a")
+    other = setup_run(_config("train.seed=1"), tmp_path / "b")
+    shared = setup_run(_config("train.seed=1", "train.init_seed=0"), tmp_path / "c")
+    same = jax.tree.map(np.array_equal, base.state.params, shared.state.params)
+    assert all(jax.tree.leaves(same))
+    differ = jax.tree.map(np.array_equal, base.state.params, other.state.params)
+    assert not all(jax.tree.leaves(differ))
+    np.testing.assert_array_equal(
+        jax.random.key_data(shared.train_key), jax.random.key_data(other.train_key)
+    )
+    assert not np.array_equal(
+        jax.random.key_data(shared.train_key), jax.random.key_data(base.train_key)
+    )
+    np.testing.assert_array_equal(first_batch(shared), first_batch(other))
+    assert not np.array_equal(first_batch(shared), first_batch(base))
