@@ -225,7 +225,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count) a batch with a non-finite loss or grad
     cache_features: bool = True  # frozen deterministic backbone: embed once, train heads
     seed: int = 0  # data order, dropout and (unless init_seed) the initial weights
-    init_seed: int = -1  # the initial weights (the heads'); -1: train.seed (runs to average share one)
+    init_seed: int = -1  # the initial weights; -1: train.seed (runs to average share one)
 
     @property
     def freeze_spec(self) -> FreezeSpec:
