@@ -384,11 +384,12 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
         steps = sorted(manager.all_steps())
         metas = []
 
-        def read_each():  # one checkpoint in memory at a time, beside the running sum
+        def read_each():  # about one checkpoint in memory at a time, beside the running sum
             for s in steps:
                 params, meta = _restore_step(manager, directory, s)
                 metas.append((s, meta))
                 yield params
+                del params
 
         def fits(params, first):  # one run's checkpoints share one tree; say so if not
             check_params_fit(params, first, str(directory / str(metas[-1][0])))

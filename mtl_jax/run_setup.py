@@ -113,7 +113,8 @@ def check_workdir(workdir: Path) -> None:
 
 
 def run_keys(config: Config) -> tuple[jax.Array, jax.Array]:
-    """``(init_key, train_key)``: the heads' initial weights and the step's dropout stream.
+    """``(init_key, train_key)``: the initial weights (the heads'; a random backbone's too)
+    and the steps' dropout stream.
 
     Both come from ``train.seed``; ``train.init_seed`` (when >= 0) takes the init key from
     its own seed instead, so runs that differ in data order and dropout (their seeds) can

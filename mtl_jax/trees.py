@@ -60,26 +60,28 @@ def weighted_mean(
 ) -> Any:
     """``sum_i w_i * tree_i / sum_i w_i`` leaf by leaf (weights 1 when None).
 
-    Summed in float64 one tree at a time, so an iterator of trees (checkpoints read one by
-    one) holds only one tree and the running sum; each leaf keeps the first tree's dtype.
-    ``check(tree, first)`` runs on every later tree before it is added, ``first`` being the
-    first tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), e.g. to name the
-    checkpoint whose tree does not fit. ValueError when there are no trees, when the
-    weights and trees differ in number, or when the weights sum to 0.
+    Summed in float64 in place, one tree at a time, so an iterator of trees (checkpoints
+    read one by one) holds the running sum and about one tree; each leaf keeps the first
+    tree's dtype. Every later tree must have the first one's structure and shapes:
+    ``check(tree, first)`` (``first``: the first tree's ``jax.ShapeDtypeStruct`` leaves)
+    may say so in the caller's words (e.g. naming the checkpoint); without it a mismatch is
+    a ValueError. ValueError also when there are no trees, when the weights and trees
+    differ in number, or when the weights sum to 0.
     """
     weights = None if weights is None else [float(w) for w in weights]
     total = first = None
     count = 0
     for tree in trees:
-        weight = 1.0 if weights is None else (weights[count] if count < len(weights) else None)
-        if weight is None:
+        if weights is not None and count >= len(weights):
             raise ValueError(f"more trees than the {len(weights)} weights")
+        weight = 1.0 if weights is None else weights[count]
         if first is None:
             first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), tree)
-        elif check is not None:
-            check(tree, first)
-        wide = jax.tree.map(lambda x, w=weight: w * np.asarray(x, np.float64), tree)
-        total = wide if total is None else jax.tree.map(np.add, total, wide)
+            total = jax.tree.map(lambda x, w=weight: _scaled(x, w), tree)
+        else:
+            (check or _check_fits)(tree, first)
+            jax.tree.map(lambda t, x, w=weight: np.add(t, _scaled(x, w), out=t), total, tree)
+        del tree  # before the iterator reads the next one
         count += 1
     if first is None:
         raise ValueError("no trees to average")
@@ -89,6 +91,19 @@ def weighted_mean(
     if norm == 0:
         raise ValueError("the weights sum to 0")
     return jax.tree.map(lambda t, x: (t / norm).astype(x.dtype), total, first)
+
+
+def _scaled(leaf: Any, weight: float) -> np.ndarray:
+    wide = np.array(leaf, np.float64)  # a fresh, writable array, even for a 0-d leaf
+    wide *= weight
+    return wide
+
+
+def _check_fits(tree: Any, first: Any) -> None:
+    missing, unexpected, resized = tree_diff(first, tree)
+    if missing or unexpected or resized:
+        where = (missing or unexpected or resized)[0]
+        raise ValueError(f"the trees differ in structure or shape, first at {where}")
 
 
 def _dtype(leaf: Any) -> np.dtype:

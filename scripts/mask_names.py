@@ -8,8 +8,8 @@ its mask token), for ``tasks.genre.train_file`` (docs/model_quality.md, round 8)
     .venv/bin/python scripts/mask_names.py ../shared/data/brown_genre/train.tsv \\
         runs/data/brown_genre_names_masked/train.tsv
 
-A *name* is a word that occurs capitalised after a sentence's first word and is
-capitalised in at least 90 % of those occurrences in the file; every occurrence is
+A *name* is a word that occurs capitalised after a row's first word and is capitalised
+in at least 90 % of those occurrences in the file; every occurrence is
 masked, sentence-initial ones too. "I" and titles (Mr, Mrs, Miss, ...) stay. Only the
 file itself decides (no dev data). Writes TSV: the text and the label column.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 from mtl_jax.data.readers import read_rows
 from mtl_jax.errors import UserError
 
-WORD = re.compile(r"[A-Za-z]+")  # "Angie's" is "Angie" and "s": the name is masked, "'s" stays
+WORD = re.compile(r"[^\W\d_]+")  # letters: "Angie's" is "Angie" and "s"; the 's stays
 NOT_NAMES = frozenset({"i", "mr", "mrs", "miss", "ms", "dr", "sir", "god"})
 MASK = "[MASK]"
 SHARE = 0.9  # of a word's mid-sentence occurrences that must be capitalised

@@ -2,7 +2,9 @@
 
 Fine-tuned runs that start from the same pretrained weights and the same head
 initialisation usually lie in one basin: the element-wise mean of their params (a
-"model soup", Wortsman et al. 2022) can score better than any one of them. This script
+"model soup", Wortsman et al. 2022) can score better than any one of them. Runs of
+different ``train.seed`` start from different heads unless they share
+``train.init_seed``. This script
 scores such means on dev files, for the model-quality study (docs/model_quality.md):
 
     .venv/bin/python scripts/weight_average.py runs/experiments/real \\
@@ -86,8 +88,8 @@ def average_scores(
         raise UserError(
             f"--pretrained-weight: expected a number in [0, 1), got {pretrained_weight}"
         )
+    weights = checked_weights(weights, len(specs)) if weights else [1.0] * len(specs)
     models = load_models(specs)
-    weights = checked_weights(weights, len(models)) if weights else [1.0] * len(models)
     params = weighted_mean([m.params for m in models], weights)
     if pretrained_weight:
         backbone = weighted_mean(

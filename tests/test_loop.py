@@ -12,7 +12,7 @@ from mtl_jax.hooks import Hook, default_hooks
 from mtl_jax.loop import train_loop
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
-from mtl_jax.run_setup import setup_run
+from mtl_jax.run_setup import run_keys, setup_run
 
 from probes import traced_steps
 
@@ -126,6 +126,10 @@ def test_init_seed_shares_the_initial_weights_and_nothing_else(tmp_path):
         stream = run.batches()
         return next(iter(stream))["input_ids"]
 
+    # The default (init_seed -1) keeps the keys every earlier run was made with.
+    init_key, train_key = jax.random.split(jax.random.key(0))
+    for got, want in zip(run_keys(_config()), (init_key, train_key), strict=True):
+        np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
     base = setup_run(_config(), tmp_path / "a")
     other = setup_run(_config("train.seed=1"), tmp_path / "b")
     shared = setup_run(_config("train.seed=1", "train.init_seed=0"), tmp_path / "c")

@@ -32,11 +32,12 @@ def test_the_sum_is_float64_then_cast():
 
 
 def test_reads_an_iterator_one_tree_at_a_time_and_checks_each_later_tree():
-    alive, checked = [], []
+    checked = []
 
     def each():
         for i in range(3):
-            alive.append(i)
+            # Tree i is asked for only after tree i - 1 was checked and added.
+            assert checked == [float(k) for k in range(1, i)]
             yield tree([float(i)], float(i))
 
     def check(later, first):
@@ -45,7 +46,14 @@ def test_reads_an_iterator_one_tree_at_a_time_and_checks_each_later_tree():
         assert not isinstance(first["w"], np.ndarray)  # shapes only: no second copy held
 
     mean = weighted_mean(each(), check=check)
-    assert mean["w"][0] == 1.0 and alive == [0, 1, 2] and checked == [1.0, 2.0]
+    assert mean["w"][0] == 1.0 and checked == [1.0, 2.0]
+
+
+def test_trees_that_do_not_fit_the_first_are_refused_not_broadcast():
+    with pytest.raises(ValueError, match="differ in structure or shape.*'w'"):
+        weighted_mean([tree([1.0], 0.0), tree([1.0, 2.0, 3.0], 0.0)])
+    with pytest.raises(ValueError, match="differ in structure or shape"):
+        weighted_mean([tree([1.0], 0.0), {"w": np.ones(1, np.float32)}])
 
 
 def test_bad_weights_and_no_trees_raise():
