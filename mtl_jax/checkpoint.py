@@ -11,10 +11,9 @@ Layout of ``<workdir>``::
     metrics.jsonl        one JSON object per log or eval event
     tensorboard/         event files
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-run killed mid-save leaves no half-written checkpoint that a resume could pick up. Each
-checkpoint's meta also records the tasks' label names (:func:`label_stamp`): params of the
-right shapes but trained for other labels are refused, not silently mislabelled.
+Orbax writes each checkpoint into a temporary directory and renames it when complete: a run
+killed mid-save leaves no half-written checkpoint for a resume. Each checkpoint's meta also
+records the tasks' labels (:func:`label_stamp`): params trained for other labels are refused.
 """
 
 from __future__ import annotations
@@ -362,10 +361,9 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
     For a run trained with ``train.ema_decay`` these are the EMA weights, the ones its
     evaluations scored (``best/`` holds only those); meta then says ``"weights": "ema"``.
 
-    ``average`` is the element-wise mean of the params of every complete checkpoint kept in
-    ``checkpoints/`` (checkpoint averaging: the last few checkpoints of a fine-tuning run
-    lie in one basin, and their mean often generalises a little better than any one of
-    them); its meta is the newest checkpoint's plus ``averaged_steps``. No opt state.
+    ``average``: the mean of every complete checkpoint kept in ``checkpoints/`` (a run's
+    last checkpoints lie in one basin; their mean often generalises a little better), with
+    the newest one's meta plus ``averaged_steps``. No opt state.
     """
     workdir = Path(workdir)
     check_which(which)
@@ -381,24 +379,22 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
             )
         if which != "average":
             return _restore_step(manager, directory, step)
-        steps = sorted(manager.all_steps())
-        metas = []
+        steps, metas = sorted(manager.all_steps()), []
 
         def read_each():  # about one checkpoint in memory at a time, beside the running sum
             for s in steps:
                 params, meta = _restore_step(manager, directory, s)
-                metas.append((s, meta))
+                metas.append(meta)
                 yield params
                 del params
 
         def fits(params, first):  # one run's checkpoints share one tree; say so if not
-            check_params_fit(params, first, str(directory / str(metas[-1][0])))
+            check_params_fit(params, first, str(directory / str(steps[len(metas) - 1])))
 
         mean = weighted_mean(read_each(), check=fits)
     finally:
         manager.close()
-    meta = metas[-1][1]
-    return mean, {**meta, "averaged_steps": steps}
+    return mean, {**metas[-1], "averaged_steps": steps}
 
 
 def _holds_ema(step_dir: Path) -> bool:

@@ -52,10 +52,8 @@ class FreezeSpec:
             return cls(kind, head=arg)
         if sep and kind == "top":
             if not re.fullmatch(r"[0-9]+", arg):
-                raise UserError(
-                    f"config key 'train.freeze': '{text}' needs a whole number of layers >= 0, "
-                    "e.g. top:2"
-                )
+                wanted = "a whole number of layers >= 0, e.g. top:2"
+                raise UserError(f"config key 'train.freeze': '{text}' needs {wanted}")
             return cls(kind, top_k=int(arg))
         raise UserError(f"config key 'train.freeze': expected {FREEZE_FORMS}, got {text!r}")
 
