@@ -34,7 +34,7 @@ import numpy as np
 from mtl_jax.config import Config
 from mtl_jax.ema import find_ema, with_ema
 from mtl_jax.errors import UserError
-from mtl_jax.trees import Params, tree_diff, weighted_mean
+from mtl_jax.trees import Params, first_difference, weighted_mean
 
 CONFIG_FILE = "config.json"
 BERT_CONFIG_FILE = "bert_config.json"
@@ -429,22 +429,10 @@ def _restore_step(manager: Any, directory: Path, step: int) -> tuple[Params, dic
 
 def check_params_fit(params: Params, expected: Params, source: str) -> None:
     """Raise a clear error when checkpoint params do not fit the model built from config."""
-    missing, extra, wrong = tree_diff(expected, params)
-    if not (missing or extra or wrong):
+    detail = first_difference(expected, params)
+    if detail is None:
         return
-    detail = (
-        f"missing {_keystr(missing[0])}"
-        if missing
-        else f"unexpected {_keystr(extra[0])}"
-        if extra
-        else f"shape of {_keystr(wrong[0])}"
-    )
     raise UserError(
         f"{source}: checkpoint params do not fit the config saved with it ({detail}); "
         "was the run directory mixed with another run?"
     )
-
-
-def _keystr(path: tuple[str, ...]) -> str:
-    """A path as ``jax.tree_util.keystr`` writes it (``['heads']['genre']``)."""
-    return "".join(f"[{key!r}]" for key in path)

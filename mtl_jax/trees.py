@@ -40,6 +40,16 @@ def tree_diff(expected: Any, got: Any) -> tuple[list[ParamPath], list[ParamPath]
     return missing, unexpected, resized
 
 
+def first_difference(expected: Any, got: Any) -> str | None:
+    """How ``got`` first departs from ``expected`` (``"missing ['heads']['genre']"``,
+    ``"unexpected ..."``, ``"shape of ..."``; :func:`tree_diff`'s order), or None if it fits."""
+    missing, unexpected, resized = tree_diff(expected, got)
+    for kind, paths in (("missing", missing), ("unexpected", unexpected), ("shape of", resized)):
+        if paths:
+            return f"{kind} {''.join(f'[{key!r}]' for key in paths[0])}"
+    return None
+
+
 def find_node(tree: Any, kind: type[Node]) -> Node | None:
     """The one node of type ``kind`` in ``tree`` (e.g. an optimiser state, however chained
     or wrapped), else None; ValueError if there are several."""
@@ -100,10 +110,9 @@ def _scaled(leaf: Any, weight: float) -> np.ndarray:
 
 
 def _check_fits(tree: Any, first: Any) -> None:
-    missing, unexpected, resized = tree_diff(first, tree)
-    if missing or unexpected or resized:
-        where = (missing or unexpected or resized)[0]
-        raise ValueError(f"the trees differ in structure or shape, first at {where}")
+    detail = first_difference(first, tree)
+    if detail:
+        raise ValueError(f"the trees differ in structure or shape: {detail}")
 
 
 def _dtype(leaf: Any) -> np.dtype:

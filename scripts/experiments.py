@@ -74,6 +74,15 @@ PHRASES = (
 BEST = (*PHRASES, "train.learning_rate=1e-4", "model.remat=false")
 GENRE2 = (NO_EMA, "train.epochs=2", "train.eval_every=250")
 NAMES_MASKED = Path("runs/data/brown_genre_names_masked/train.tsv")
+
+
+def genre2_seeds(name: str, *sets: str) -> dict[str, list[str]]:
+    """``name``, ``name-seed1``, ``name-seed2``: genre alone for 2 epochs with ``sets``, three
+    seeds (one run cannot tell a genre lever from its ~6-point seed spread)."""
+    seeds = (("", ()), ("-seed1", ("train.seed=1",)), ("-seed2", ("train.seed=2",)))
+    return {name + tail: preset(*GENRE2, *sets, *seed, tasks="genre") for tail, seed in seeds}
+
+
 ROWS = {
     "frozen-multi": real(*FROZEN),
     "frozen-multi-balanced": real(*FROZEN, BALANCED),
@@ -114,16 +123,8 @@ ROWS = {
     "real-genre-only": preset(NO_EMA, tasks="genre"),
     # Round 4: what generalises genre to unseen books? Genre alone for 2 epochs (750 steps,
     # minutes each), one lever at a time, a second seed of the baseline for the noise.
-    "genre2": preset(*GENRE2, tasks="genre"),
-    "genre2-seed1": preset(*GENRE2, "train.seed=1", tasks="genre"),
-    "genre2-seed2": preset(*GENRE2, "train.seed=2", tasks="genre"),
-    "genre2-lr3e-5": preset(*GENRE2, "train.learning_rate=3e-5", tasks="genre"),
-    "genre2-lr3e-5-seed1": preset(
-        *GENRE2, "train.learning_rate=3e-5", "train.seed=1", tasks="genre"
-    ),
-    "genre2-lr3e-5-seed2": preset(
-        *GENRE2, "train.learning_rate=3e-5", "train.seed=2", tasks="genre"
-    ),
+    **genre2_seeds("genre2"),
+    **genre2_seeds("genre2-lr3e-5", "train.learning_rate=3e-5"),
     "genre2-layer-4": preset(*GENRE2, "model.layer=-4", tasks="genre"),
     "genre2-llrd0.7": preset(*GENRE2, "train.layer_lr_decay=0.7", tasks="genre"),
     "genre2-top2": preset(*GENRE2, 'train.freeze="top:2"', tasks="genre"),
@@ -135,13 +136,7 @@ ROWS = {
     # layers near the pretrained weights, where genre drifts after its first epoch.
     "real-llrd0.8": preset("train.layer_lr_decay=0.8"),
     # ... and the same decay on genre alone, three seeds (the noise floor above is 3.4 sd).
-    "genre2-llrd0.8": preset(*GENRE2, "train.layer_lr_decay=0.8", tasks="genre"),
-    "genre2-llrd0.8-seed1": preset(
-        *GENRE2, "train.layer_lr_decay=0.8", "train.seed=1", tasks="genre"
-    ),
-    "genre2-llrd0.8-seed2": preset(
-        *GENRE2, "train.layer_lr_decay=0.8", "train.seed=2", tasks="genre"
-    ),
+    **genre2_seeds("genre2-llrd0.8", "train.layer_lr_decay=0.8"),
     # Round 6: sentiment still rose between epochs 3 and 4 of the joint run (89.0 -> 90.3);
     # a fifth epoch is the most the 90-minute budget allows (4 epochs took 61 minutes).
     "real-5ep": preset("train.epochs=5"),
@@ -166,19 +161,8 @@ ROWS = {
     # encoder scores 89 macro-F1 on held-out sentences of the training books: names are the
     # most book-specific words. Genre alone, 2 epochs, trained with every character or place
     # name masked (the file scripts/mask_names.py writes); dev unchanged.
-    **{
-        f"genre2-names-masked{suffix}": preset(
-            *GENRE2, f'tasks.genre.train_file="{NAMES_MASKED}"', *seed, tasks="genre"
-        )
-        for suffix, seed in (("", ()), ("-seed1", ("train.seed=1",)), ("-seed2", ("train.seed=2",)))
-    },
-    "genre2-cutoff0.1": preset(*GENRE2, "train.token_cutoff=0.1", tasks="genre"),
-    "genre2-cutoff0.1-seed1": preset(
-        *GENRE2, "train.token_cutoff=0.1", "train.seed=1", tasks="genre"
-    ),
-    "genre2-cutoff0.1-seed2": preset(
-        *GENRE2, "train.token_cutoff=0.1", "train.seed=2", tasks="genre"
-    ),
+    **genre2_seeds("genre2-names-masked", f'tasks.genre.train_file="{NAMES_MASKED}"'),
+    **genre2_seeds("genre2-cutoff0.1", "train.token_cutoff=0.1"),
 }
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from mtl_jax.checkpoint import WHICH
 from mtl_jax.encoder import load_backbone
@@ -37,7 +36,7 @@ from mtl_jax.errors import UserError
 from mtl_jax.inference import Trained, evaluate_files, load_trained
 from mtl_jax.model import init_params
 from mtl_jax.presets import DATA_DIR_ENV, data_folder_tasks
-from mtl_jax.trees import weighted_mean
+from mtl_jax.trees import first_difference, weighted_mean
 
 
 def checked_weights(weights: Sequence[float], count: int) -> list[float]:
@@ -64,9 +63,9 @@ def load_models(specs: Sequence[str]) -> list[Trained]:
         labels = [t.labels for t in last.config.tasks]
         if labels != [t.labels for t in first.config.tasks]:
             raise UserError(f"{spec}: its tasks or labels differ from {specs[0]}'s")
-        shapes = [jax.tree.map(np.shape, m.params) for m in (first, last)]
-        if shapes[0] != shapes[1]:
-            raise UserError(f"{spec}: its params differ in structure or shape from {specs[0]}'s")
+        detail = first_difference(first.params, last.params)
+        if detail:
+            raise UserError(f"{spec}: its params differ from {specs[0]}'s ({detail})")
     return models
 
 

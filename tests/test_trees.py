@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.trees import weighted_mean
+from mtl_jax.trees import first_difference, weighted_mean
 
 
 def tree(w, b, dtype=np.float32):
@@ -66,3 +66,15 @@ def test_bad_weights_and_no_trees_raise():
         weighted_mean(trees, [1.0, -1.0])
     with pytest.raises(ValueError, match="no trees"):
         weighted_mean([])
+
+
+def test_first_difference_names_the_first_leaf_that_does_not_fit():
+    expected = {"heads": {"genre": np.zeros(3), "sentiment": np.zeros(2)}}
+    assert first_difference(expected, expected) is None
+    assert first_difference(expected, {"heads": {"genre": np.zeros(3)}}) == (
+        "missing ['heads']['sentiment']"
+    )
+    extra = {"heads": {**expected["heads"], "topic": np.zeros(1)}}
+    assert first_difference(expected, extra) == "unexpected ['heads']['topic']"
+    resized = {"heads": {"genre": np.zeros(4), "sentiment": np.zeros(2)}}
+    assert first_difference(expected, resized) == "shape of ['heads']['genre']"
