@@ -340,3 +340,32 @@ def test_the_study_rows_still_train_the_round1_real_preset(monkeypatch):
         train=TrainConfig(freeze="none", epochs=3, batch_size=32, warmup_steps=200, eval_every=500),
     )
     assert apply_overrides(real(), list(experiments.ROUND1_PRESET)) == round1
+
+
+def test_every_study_row_builds_a_valid_config(monkeypatch):
+    """Each row of scripts/experiments.py is an hour of CPU: a misspelt key or a bad value
+    must fail here, not when the row starts. Rows change what their names say."""
+    monkeypatch.setenv("MTL_JAX_DATA", "data")
+    experiments = load_script("experiments")
+    from mtl_jax.cli import build_parser, resolve_train_config
+
+    def config_of(name):
+        args = build_parser().parse_args(["train", *experiments.ROWS[name], "--workdir", "w"])
+        return resolve_train_config(args)
+
+    configs = {name: config_of(name) for name in experiments.ROWS}
+    assert configs["real"] == real("data")
+    assert configs["real-layer-1"] == dataclasses.replace(
+        real("data"), model=dataclasses.replace(real("data").model, layer=-1)
+    )
+    baseline = configs["best-balanced"]
+    uncertainty = configs["best-balanced-uncertainty"]
+    assert uncertainty.train == dataclasses.replace(baseline.train, uncertainty_weighting=True)
+    assert (uncertainty.model, uncertainty.tasks) == (baseline.model, baseline.tasks)
+    plus = configs["best-balanced-plus-sentences"]
+    assert plus.task("sentiment").train_file == str(experiments.PLUS_SENTENCES)
+    assert (plus.train, plus.task("genre")) == (baseline.train, baseline.task("genre"))
+    assert configs["best-balanced-cls"].model.pooling == "cls"
+    two_epochs = configs["real-2ep-uncertainty"].train
+    assert (two_epochs.epochs, two_epochs.uncertainty_weighting) == (2, True)
+    assert [task.name for task in configs["genre2"].tasks] == ["genre"]
