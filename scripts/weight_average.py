@@ -48,25 +48,47 @@ def checked_weights(weights: Sequence[float], count: int) -> list[float]:
     return list(weights)
 
 
-def load_models(specs: Sequence[str]) -> list[Trained]:
-    """Each ``RUN_DIR[:which]`` restored; all must share the first one's tasks, labels and
-    param shapes (else their mean is meaningless), or UserError names the odd one."""
-    models = []
-    for spec in specs:
-        directory, sep, which = spec.rpartition(":")
-        if not sep:
-            directory, which = spec, "latest"
-        elif which not in WHICH:
-            raise UserError(f"{spec}: expected RUN_DIR[:which] with which one of {WHICH}")
-        models.append(load_trained(directory, which))
-        first, last = models[0], models[-1]
-        labels = [t.labels for t in last.config.tasks]
-        if labels != [t.labels for t in first.config.tasks]:
-            raise UserError(f"{spec}: its tasks or labels differ from {specs[0]}'s")
-        detail = first_difference(first.params, last.params)
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``RUN_DIR[:which]`` as ``(directory, which)``; UserError for an unknown ``which``."""
+    directory, sep, which = spec.rpartition(":")
+    if not sep:
+        return spec, "latest"
+    if which not in WHICH:
+        raise UserError(f"{spec}: expected RUN_DIR[:which] with which one of {WHICH}")
+    return directory, which
+
+
+def mean_of_models(specs: Sequence[str], weights: Sequence[float]) -> Trained:
+    """The first model with its params replaced by the weighted mean of all ``specs``'.
+
+    Models are restored one at a time, so memory holds the running sum and about one model
+    whatever their number. Each must share the first one's tasks, labels and param shapes
+    (else their mean is meaningless), or UserError names the odd one.
+    """
+    targets = [parse_spec(spec) for spec in specs]  # every spec checked before any restore
+    first: list[Trained] = []
+    current = [specs[0]]
+
+    def params_in_turn():
+        for spec, (directory, which) in zip(specs, targets, strict=True):
+            trained = load_trained(directory, which)
+            current[0] = spec
+            if not first:  # kept for its config, model and tokenizer, not its params
+                first.append(dataclasses.replace(trained, params=None))
+            elif [t.labels for t in trained.config.tasks] != [
+                t.labels for t in first[0].config.tasks
+            ]:
+                raise UserError(f"{spec}: its tasks or labels differ from {specs[0]}'s")
+            yield trained.params
+            del trained
+
+    def fits(params, shapes):
+        detail = first_difference(shapes, params)
         if detail:
-            raise UserError(f"{spec}: its params differ from {specs[0]}'s ({detail})")
-    return models
+            raise UserError(f"{current[0]}: its params differ from {specs[0]}'s ({detail})")
+
+    params = weighted_mean(params_in_turn(), weights, check=fits)
+    return dataclasses.replace(first[0], params=params)
 
 
 def pretrained_backbone(trained: Trained) -> Any:
@@ -88,15 +110,14 @@ def average_scores(
             f"--pretrained-weight: expected a number in [0, 1), got {pretrained_weight}"
         )
     weights = checked_weights(weights, len(specs)) if weights else [1.0] * len(specs)
-    models = load_models(specs)
-    params = weighted_mean([m.params for m in models], weights)
+    mean = mean_of_models(specs, weights)
     if pretrained_weight:
         backbone = weighted_mean(
-            [params["backbone"], pretrained_backbone(models[0])],
+            [mean.params["backbone"], pretrained_backbone(mean)],
             [1 - pretrained_weight, pretrained_weight],
         )
-        params = {**params, "backbone": backbone}
-    scores = evaluate_files(dataclasses.replace(models[0], params=params), files)
+        mean = dataclasses.replace(mean, params={**mean.params, "backbone": backbone})
+    scores = evaluate_files(mean, files)
     return {
         "models": list(specs),
         "weights": weights,

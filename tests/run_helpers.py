@@ -25,10 +25,13 @@ def perturbed(params, seed: int):
     return jax.tree_util.tree_unflatten(treedef, moved)
 
 
-def make_run(workdir: Path, **model) -> Path:
-    """A tiny run directory: latest checkpoint at step 12, best at 8, dev events in metrics."""
+def make_run(workdir: Path, tasks=None, **model) -> Path:
+    """A tiny run directory: latest checkpoint at step 12, best at 8, dev events in metrics.
+
+    ``tasks`` (default: the default tasks) and ``model`` fields change its config."""
     config = Config(
-        model=ModelConfig(backbone="tiny", max_length=32, **model), tasks=default_tasks()
+        model=ModelConfig(backbone="tiny", max_length=32, **model),
+        tasks=tasks or default_tasks(),
     ).validate()
     backbone = load_backbone("tiny")
     write_run_files(workdir, config, backbone.bert_config, backbone.tokenizer)

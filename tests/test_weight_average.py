@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
+from mtl_jax.config import default_tasks
 from mtl_jax.errors import UserError
 from mtl_jax.inference import evaluate_files, load_trained
 
@@ -68,6 +70,23 @@ def test_scores_are_those_of_the_mean_params(script, setup):
     # WiSE-FT: the pretrained backbone mixed in moves the scores; the heads stay the runs'.
     wise = script.average_scores([str(run)], files, pretrained_weight=0.5)["scores"]
     assert wise["genre"]["loss"] != alone["genre"]["loss"]
+
+
+def test_a_model_that_does_not_fit_the_first_is_named(script, setup, tmp_path):
+    run, files = setup
+    genre, sentiment = default_tasks()
+    narrower = make_run(
+        tmp_path / "narrower", tasks=(genre, dataclasses.replace(sentiment, hidden=(64,)))
+    )
+    with pytest.raises(UserError, match=re.escape(f"{narrower}: its params differ from {run}'s")):
+        script.average_scores([str(run), str(narrower)], files)
+    renamed = (genre, dataclasses.replace(sentiment, labels=("bad", "good")))
+    relabelled = make_run(tmp_path / "relabelled", tasks=renamed)
+    with pytest.raises(UserError, match=re.escape(f"{relabelled}:best: its tasks or labels")):
+        script.average_scores([str(run), f"{relabelled}:best"], files)
+    # Every spec is parsed before any model is restored.
+    with pytest.raises(UserError, match="newest: expected RUN_DIR"):
+        script.average_scores([str(tmp_path / "nowhere"), f"{run}:newest"], files)
 
 
 def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
