@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def resolve_train_config(args: argparse.Namespace):
-    from mtl_jax.config import apply_overrides, load_config
+    from mtl_jax.config_io import apply_overrides, load_config
     from mtl_jax.presets import preset
 
     config = load_config(args.config) if args.config else preset(args.preset or "demo")

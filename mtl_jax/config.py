@@ -1,7 +1,8 @@
 """Frozen dataclass configs: one per concern, JSON/TOML round trip, validated with key names.
 
 A run's whole behaviour is a :class:`Config`. Variants are made with
-``dataclasses.replace`` (or :func:`apply_overrides` for ``--set a.b=value`` strings), and
+``dataclasses.replace`` (or :func:`mtl_jax.config_io.apply_overrides` for ``--set a.b=value``
+strings; :mod:`mtl_jax.config_io` also reads config files), and
 the config is saved next to every checkpoint so a restore knows what built the params.
 """
 
@@ -10,13 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from mtl_jax.errors import UserError
-from mtl_jax.from_plain import build, parse_value, to_plain, to_toml
+from mtl_jax.from_plain import build, to_plain, to_toml
 
 POOLINGS = ("mean", "cls", "max")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -366,52 +365,6 @@ def default_tasks() -> tuple[TaskConfig, ...]:
             dropout=0.0,
         ),
     )
-
-
-def load_config(path: str | Path) -> Config:
-    """Read a ``.toml`` or ``.json`` config file; errors name the file and the key."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read config file ({exc})") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        kind = "JSON" if path.suffix == ".json" else "TOML"
-        raise UserError(f"{path}: not valid {kind}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a table of sections, got {type(data).__name__}")
-    return Config.from_dict(data, source=str(path))
-
-
-def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
-    """Apply ``--set dotted.key=value`` strings; a task is addressed by name (tasks.genre.x)."""
-    data = config.to_dict()
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected dotted.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        value = parse_value(raw.strip())
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):  # the tasks list, addressed by task name
-                match = [t for t in node if t.get("name") == part]
-                if not match:
-                    names = [t.get("name") for t in node]
-                    raise UserError(f"--set {key}: no task named '{part}' (tasks: {names})")
-                node = match[0]
-            elif isinstance(node, dict) and part in node:
-                node = node[part]
-            else:
-                raise UserError(f"--set {key}: unknown key '{'.'.join(parts[: i + 1])}'")
-        if not isinstance(node, dict) or parts[-1] not in node:
-            raise UserError(f"--set {key}: unknown key '{key}'")
-        node[parts[-1]] = value
-    return Config.from_dict(data, source="--set")
 
 
 # -- helpers ------------------------------------------------------------------------------

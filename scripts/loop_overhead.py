@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.checkpoint import Checkpointer
-from mtl_jax.config import apply_overrides
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.data import prefetch
 from mtl_jax.hooks import default_hooks
 from mtl_jax.loop import train_loop

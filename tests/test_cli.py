@@ -21,7 +21,7 @@ from sklearn.metrics import f1_score
 
 from mtl_jax import checkpoint, cli
 from mtl_jax.checkpoint import read_config
-from mtl_jax.config import apply_overrides, load_config
+from mtl_jax.config_io import apply_overrides, load_config
 from mtl_jax.inference import SentenceEncoder, load_trained
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset

@@ -15,10 +15,9 @@ from mtl_jax.config import (
     ModelConfig,
     TaskConfig,
     TrainConfig,
-    apply_overrides,
     default_tasks,
-    load_config,
 )
+from mtl_jax.config_io import apply_overrides, load_config
 from mtl_jax.data import load_task_datasets
 from mtl_jax.errors import UserError
 from mtl_jax.from_plain import to_plain

@@ -16,7 +16,7 @@ from test_resume import SETS, STEPS, Crash, assert_trees_identical, crash_at, ru
 
 from mtl_jax import freezing
 from mtl_jax.checkpoint import Checkpointer, restore_params
-from mtl_jax.config import apply_overrides
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.ema import eval_params, find_ema, params_ema
 from mtl_jax.encoder import load_backbone
 from mtl_jax.errors import UserError

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from mtl_jax.config import apply_overrides
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.hooks import Hook, default_hooks
 from mtl_jax.loop import train_loop
 from mtl_jax.metrics_log import read_metrics

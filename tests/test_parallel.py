@@ -27,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 from mtl_jax import dots as mtl_dots
 from mtl_jax import parallel
 from mtl_jax.checkpoint import restore_params
-from mtl_jax.config import Config, ParallelConfig, TrainConfig, apply_overrides, default_tasks
+from mtl_jax.config import Config, ParallelConfig, TrainConfig, default_tasks
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.errors import UserError
 from mtl_jax.forward import model_forward
 from mtl_jax.freezing import make_optimizer

@@ -26,7 +26,7 @@ import pytest
 
 from mtl_jax import cli, run_setup
 from mtl_jax.checkpoint import restore_params
-from mtl_jax.config import apply_overrides
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.encoder import load_backbone
 from mtl_jax.loop import fit
 from mtl_jax.metrics_log import read_metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mtl_jax import cli
-from mtl_jax.config import apply_overrides
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.errors import UserError
 from mtl_jax.presets import preset
 from mtl_jax.run_record import (
