@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
 
-.PHONY: setup demo test lint format real-data benchmark clean
+.PHONY: setup demo test lint format clean
 
 setup: $(VENV)/.installed
 
