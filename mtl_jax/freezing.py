@@ -314,7 +314,7 @@ def make_optimizer(
     decay schedule scaled by the group's peak rate when it trains; and the same wrapped in
     :func:`hold_until` when it starts later. All groups follow one global schedule clock.
     With ``train.ema_decay > 0`` it is chained with :func:`mtl_jax.ema.params_ema`, whose
-    state holds the params' moving average.
+    state holds the params' moving average (updated only for the groups that ever train).
 
     Args:
         train_cfg: rates, decay, schedule, clip and freezing strategy.
@@ -352,7 +352,8 @@ def make_optimizer(
     inner = optax.multi_transform(transforms, groups)
     gated = unfreeze_gate(inner, groups, starts, clip_norm=train_cfg.grad_clip)
     if train_cfg.ema_decay > 0:
-        return optax.chain(gated, params_ema(train_cfg.ema_decay))
+        trains = jax.tree.map(lambda group: starts[group] is not None, groups)
+        return optax.chain(gated, params_ema(train_cfg.ema_decay, tracked=trains))
     return gated
 
 

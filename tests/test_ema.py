@@ -22,11 +22,17 @@ from mtl_jax.encoder import load_backbone
 from mtl_jax.errors import UserError
 from mtl_jax.evaluate import evaluate_dataset
 from mtl_jax.export import export_run
-from mtl_jax.forward import model_params
+from mtl_jax.forward import model_forward, model_params
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.run_setup import load_run_data
-from mtl_jax.train import create_train_state, init_train_params, make_eval_step, make_train_step
+from mtl_jax.train import (
+    build_train_step,
+    create_train_state,
+    init_train_params,
+    make_eval_step,
+    make_train_step,
+)
 
 from conftest import make_fake_batch, replace_model
 
@@ -95,6 +101,31 @@ def test_train_step_keeps_the_ema_with_the_backbone_frozen_bit_for_bit(
         jax.tree.map(lambda a, b: not np.allclose(a, b), ema["heads"], state.params["heads"])
     )
     assert any(moved)  # the EMA lags the params: it is not a copy of them
+
+
+def test_the_ema_costs_the_step_nothing_for_a_group_that_never_trains(
+    tiny_config, tiny_model, tiny_params
+):
+    """With the backbone frozen, the compiled step's EMA work (3 flops a param) covers the
+    heads only: a frozen MiniLM backbone's EMA would cost a cached step several times its
+    own work."""
+
+    def step_flops(ema_decay):
+        train = dataclasses.replace(tiny_config.train, freeze="backbone", ema_decay=ema_decay)
+        config = dataclasses.replace(tiny_config, train=train)
+        params = init_train_params(tiny_params, config)
+        optimizer = freezing.make_optimizer(config.train, params, total_steps=10)
+        step = jax.jit(build_train_step(model_forward(tiny_model, config), optimizer, config))
+        state = create_train_state(params, optimizer)
+        lowered = step.lower(state, make_fake_batch(config), jax.random.key(0))
+        return lowered.compile().cost_analysis()["flops"]
+
+    def size(tree):
+        return sum(x.size for x in jax.tree.leaves(tree))
+
+    heads, backbone = size(tiny_params["heads"]), size(tiny_params["backbone"])
+    extra = step_flops(0.9) - step_flops(0.0)
+    assert 3 * heads <= extra < 3 * heads + backbone  # all params tracked: 3 * (heads + backbone)
 
 
 EMA_SETS = [*SETS, "train.ema_decay=0.7"]
