@@ -184,6 +184,9 @@ ROWS = {
     "real-2ep-uncertainty": preset("train.epochs=2", "train.uncertainty_weighting=true"),
     # Round 10: the learned task weights over the preset's 4 epochs (+0.7 SST-2 at 2 epochs).
     "real-uncertainty": preset("train.uncertainty_weighting=true"),
+    # The preset computing in bfloat16 (params and optimiser state float32): its time on a
+    # CPU with a BF16 unit, and whether its scores hold.
+    "real-bf16": preset('model.dtype="bfloat16"'),
 }
 
 

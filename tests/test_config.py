@@ -367,4 +367,10 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert configs["best-balanced-cls"].model.pooling == "cls"
     two_epochs = configs["real-2ep-uncertainty"].train
     assert (two_epochs.epochs, two_epochs.uncertainty_weighting) == (2, True)
+    assert configs["real-uncertainty"] == dataclasses.replace(
+        real("data"), train=dataclasses.replace(real("data").train, uncertainty_weighting=True)
+    )
+    assert configs["real-bf16"] == dataclasses.replace(
+        real("data"), model=dataclasses.replace(real("data").model, dtype="bfloat16")
+    )
     assert [task.name for task in configs["genre2"].tasks] == ["genre"]
