@@ -314,14 +314,18 @@ def pool(hidden: jax.Array, mask: jax.Array, method: str = "mean") -> jax.Array:
     """One vector per sentence from token states ``[batch, seq, dim]`` and a 0/1 mask.
 
     Padding never leaks in: mean divides by the real token count, max ignores padded
-    positions, cls reads position 0.
+    positions, cls reads position 0. A row without tokens (a batch's padding row) pools to
+    zeros under mean and max: max over no token would be float32's lowest value, which the
+    head turns into inf and NaN, and a NaN poisons the whole batch's gradient even though
+    the row carries no loss.
     """
     hidden = hidden.astype(jnp.float32)
     mask = mask.astype(jnp.float32)[..., None]
     if method == "mean":
         return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
     if method == "max":
-        return jnp.where(mask > 0, hidden, jnp.finfo(jnp.float32).min).max(axis=1)
+        maxed = jnp.where(mask > 0, hidden, jnp.finfo(jnp.float32).min).max(axis=1)
+        return jnp.where(mask.sum(axis=1) > 0, maxed, 0.0)
     if method == "cls":
         return hidden[:, 0]
     raise UserError(f"config key 'model.pooling': unknown pooling {method!r} (mean|cls|max)")

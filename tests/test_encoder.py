@@ -58,6 +58,19 @@ def test_mean_and_max_pooling_ignore_padding():
     np.testing.assert_array_equal(cls, hidden[:, 0])
 
 
+@pytest.mark.parametrize("method", ["mean", "max"])
+def test_a_row_without_tokens_pools_to_zeros_with_finite_gradients(method):
+    """A batch's padding row (mask all 0) must not reach the head as float32's lowest value:
+    the head would make it inf and NaN, and the NaN would poison every gradient."""
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 3)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 0, 0], [0, 0, 0, 0]], jnp.int32)
+    pooled = np.asarray(pool(hidden, mask, method))
+    np.testing.assert_array_equal(pooled[1], np.zeros(3, np.float32))
+    grad = jax.grad(lambda h: (pool(h, mask, method) * 1e30).sum())(hidden)
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
+
+
 def test_padding_does_not_change_embedding(tiny_config, tiny_backbone):
     """A sentence padded to 32 tokens embeds like the same sentence unpadded."""
     for pooling in ("mean", "max", "cls"):
