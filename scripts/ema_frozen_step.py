@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import optax
+from bench.workloads import random_batch
 
 from mtl_jax import freezing
 from mtl_jax.config import Config, ModelConfig, TrainConfig, default_tasks
@@ -53,13 +54,10 @@ def main() -> None:
     hidden = backbone.bert_config.hidden_size
     rng = np.random.default_rng(0)
 
-    def batch():
-        labels = {t.name: rng.integers(0, t.num_labels, args.batch) for t in config.tasks}
-        return {
-            "embedding": rng.standard_normal((args.batch, hidden)).astype(np.float32),
-            "labels": {k: v.astype(np.int32) for k, v in labels.items()},
-            "index": np.arange(args.batch, dtype=np.int32),
-        }
+    def batch():  # the benchmarks' random labels, a random cached embedding per row
+        rows = random_batch(config, args.batch, seq=2, vocab=100, seed=int(rng.integers(1 << 30)))
+        embedding = rng.standard_normal((args.batch, hidden)).astype(np.float32)
+        return {"labels": rows["labels"], "index": rows["index"], "embedding": embedding}
 
     arms = {}
     for name, optimizer in optimizers.items():
