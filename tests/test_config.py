@@ -374,3 +374,25 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         real("data"), model=dataclasses.replace(real("data").model, dtype="bfloat16")
     )
     assert [task.name for task in configs["genre2"].tasks] == ["genre"]
+    context = configs["best-balanced-context1"]
+    assert context.task("genre") == dataclasses.replace(
+        baseline.task("genre"),
+        train_file=str(experiments.CONTEXT1 / "train.tsv"),
+        dev_file=str(experiments.CONTEXT1 / "dev.tsv"),
+    )
+    assert (context.train, context.task("sentiment")) == (
+        baseline.train,
+        baseline.task("sentiment"),
+    )
+    assert configs["genre2-context1-seed2"].task("genre") == dataclasses.replace(
+        configs["genre2-seed2"].task("genre"),
+        train_file=context.task("genre").train_file,
+        dev_file=context.task("genre").dev_file,
+    )
+    fine = configs["real-fine-buckets"]
+    assert fine.data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)
+    assert (fine.model, fine.tasks, fine.train) == (
+        real("data").model,
+        real("data").tasks,
+        real("data").train,
+    )
