@@ -388,8 +388,8 @@ def restore_params(workdir: str | Path, which: str = "latest") -> tuple[Params, 
                 yield params
                 del params
 
-        def fits(params, first):  # one run's checkpoints share one tree; say so if not
-            check_params_fit(params, first, str(directory / str(steps[len(metas) - 1])))
+        def fits(params, first, index):  # one run's checkpoints share one tree; say so if not
+            check_params_fit(params, first, str(directory / str(steps[index])))
 
         mean = weighted_mean(read_each(), check=fits)
     finally:

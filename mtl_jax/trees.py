@@ -66,7 +66,7 @@ def find_node(tree: Any, kind: type[Node]) -> Node | None:
 def weighted_mean(
     trees: Iterable[Any],
     weights: Iterable[float] | None = None,
-    check: Callable[[Any, Any], None] | None = None,
+    check: Callable[[Any, Any, int], None] | None = None,
 ) -> Any:
     """``sum_i w_i * tree_i / sum_i w_i`` leaf by leaf (weights 1 when None).
 
@@ -89,7 +89,10 @@ def weighted_mean(
             first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), tree)
             total = jax.tree.map(lambda x, w=weight: _scaled(x, w), tree)
         else:
-            (check or _check_fits)(tree, first)
+            if check is None:
+                _check_fits(tree, first)
+            else:
+                check(tree, first, count)
             jax.tree.map(lambda t, x, w=weight: np.add(t, _scaled(x, w), out=t), total, tree)
         del tree  # before the iterator reads the next one
         count += 1

@@ -66,14 +66,12 @@ def mean_of_models(specs: Sequence[str], weights: Sequence[float]) -> Trained:
     (else their mean is meaningless), or UserError names the odd one.
     """
     targets = [parse_spec(spec) for spec in specs]  # every spec checked before any restore
-    first: list[Trained] = []
-    current = [specs[0]]
+    first: list[Trained] = []  # the first model, without its params: its config and model
 
     def params_in_turn():
         for spec, (directory, which) in zip(specs, targets, strict=True):
             trained = load_trained(directory, which)
-            current[0] = spec
-            if not first:  # kept for its config, model and tokenizer, not its params
+            if not first:
                 first.append(dataclasses.replace(trained, params=None))
             elif [t.labels for t in trained.config.tasks] != [
                 t.labels for t in first[0].config.tasks
@@ -82,10 +80,10 @@ def mean_of_models(specs: Sequence[str], weights: Sequence[float]) -> Trained:
             yield trained.params
             del trained
 
-    def fits(params, shapes):
+    def fits(params, shapes, index):
         detail = first_difference(shapes, params)
         if detail:
-            raise UserError(f"{current[0]}: its params differ from {specs[0]}'s ({detail})")
+            raise UserError(f"{specs[index]}: its params differ from {specs[0]}'s ({detail})")
 
     params = weighted_mean(params_in_turn(), weights, check=fits)
     return dataclasses.replace(first[0], params=params)

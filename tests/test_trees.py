@@ -40,7 +40,8 @@ def test_reads_an_iterator_one_tree_at_a_time_and_checks_each_later_tree():
             assert checked == [float(k) for k in range(1, i)]
             yield tree([float(i)], float(i))
 
-    def check(later, first):
+    def check(later, first, index):
+        assert later["w"][0] == float(index)  # the later tree's position in the sequence
         checked.append(later["w"][0])
         assert first["w"].shape == (1,) and first["w"].dtype == np.float32
         assert not isinstance(first["w"], np.ndarray)  # shapes only: no second copy held
