@@ -10,6 +10,8 @@ from mtl_jax.config import Config, DataConfig, ModelConfig, TaskConfig, TrainCon
 from mtl_jax.errors import UserError
 
 DATA_DIR_ENV = "MTL_JAX_DATA"
+# The real preset's padded lengths: fine where its short phrases are (docs/model_quality.md).
+FINE_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
 def demo() -> Config:
@@ -48,6 +50,10 @@ def real(data_dir: str | Path | None = None) -> Config:
     as ``best/`` and exports: the same end scores, steadier evaluations, a better ``best/``;
     ``model.remat`` off: at batch 32 memory is no concern and the 64- and
     128-token batches would pay 10-15 % for it (the runs that measured it had it off).
+    Nine length buckets instead of the default four: most batches are short phrases, and
+    padding them to 8, 12 or 24 tokens rather than 16 or 32 cuts the padded share of the
+    tokens from 42 % to 22 % and the run from about 75 to 58 minutes on a 2-core CPU (the
+    same batches; five more compiles).
     """
     directory = Path(data_dir or os.environ.get(DATA_DIR_ENV) or "../shared/data")
     genre, sentiment = data_folder_tasks(directory, sentiment_train="sst2_phrases")
@@ -55,6 +61,7 @@ def real(data_dir: str | Path | None = None) -> Config:
     return Config(
         model=ModelConfig(backbone="minilm", max_length=128, remat=False),
         tasks=tasks,
+        data=DataConfig(length_buckets=FINE_BUCKETS),
         train=TrainConfig(
             freeze="none",
             epochs=4,

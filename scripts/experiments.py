@@ -38,6 +38,9 @@ FROZEN = (
 BALANCED = 'tasks.genre.class_weighting="balanced"'
 DATA_DIR = Path(os.environ.get("MTL_JAX_DATA") or "../shared/data")  # as presets.real reads it
 NO_EMA = "train.ema_decay=0.0"  # rows measured before the preset kept an EMA (round 4)
+# Round 11 gave the preset 9 finer length buckets (the same batches, less padding); the rows
+# measured before it keep the 4 they trained with.
+ROUND10_BUCKETS = "data.length_buckets=[16, 32, 64, 128]"
 # The `real` preset as it was before round 3 (SST-2 sentences, backbone lr 2e-5, 3 epochs,
 # remat on): every study row starts from it, so each row's command still trains what it
 # trained when its numbers were measured, whatever the preset becomes.
@@ -51,7 +54,13 @@ ROUND1_PRESET = (
     "train.eval_every=500",
     "train.checkpoint_every=500",
     NO_EMA,
+    ROUND10_BUCKETS,
 )
+
+
+def preset_round10(*sets: str, tasks: str = "") -> list[str]:
+    """``--preset real`` with the length buckets of rounds 1-10, and ``--set`` overrides."""
+    return preset(ROUND10_BUCKETS, *sets, tasks=tasks)
 
 
 def real(*sets: str, tasks: str = "") -> list[str]:
@@ -88,7 +97,9 @@ def genre2_seeds(name: str, *sets: str) -> dict[str, list[str]]:
     """``name``, ``name-seed1``, ``name-seed2``: genre alone for 2 epochs with ``sets``, three
     seeds (one run cannot tell a genre lever from its ~6-point seed spread)."""
     seeds = (("", ()), ("-seed1", ("train.seed=1",)), ("-seed2", ("train.seed=2",)))
-    return {name + tail: preset(*GENRE2, *sets, *seed, tasks="genre") for tail, seed in seeds}
+    return {
+        name + tail: preset_round10(*GENRE2, *sets, *seed, tasks="genre") for tail, seed in seeds
+    }
 
 
 ROWS = {
@@ -125,46 +136,50 @@ ROWS = {
     # The recipe itself: `mtl-jax train --preset real`, nothing overridden (since round 4
     # with an EMA of the weights); "real-round3" is the round-3 preset, without it.
     "real": preset(),
-    "real-round3": preset(NO_EMA),
+    # The preset of rounds 4-10 (4 length buckets): the command behind `real`'s numbers there.
+    "real-round10": preset_round10(),
+    "real-round3": preset_round10(NO_EMA),
     # Multi- against single-task at the round-3 preset's budget (4 epochs of each task's data).
-    "real-sentiment-only": preset(NO_EMA, tasks="sentiment"),
-    "real-genre-only": preset(NO_EMA, tasks="genre"),
+    "real-sentiment-only": preset_round10(NO_EMA, tasks="sentiment"),
+    "real-genre-only": preset_round10(NO_EMA, tasks="genre"),
     # Round 4: what generalises genre to unseen books? Genre alone for 2 epochs (750 steps,
     # minutes each), one lever at a time, a second seed of the baseline for the noise.
     **genre2_seeds("genre2"),
     **genre2_seeds("genre2-lr3e-5", "train.learning_rate=3e-5"),
-    "genre2-layer-4": preset(*GENRE2, "model.layer=-4", tasks="genre"),
-    "genre2-llrd0.7": preset(*GENRE2, "train.layer_lr_decay=0.7", tasks="genre"),
-    "genre2-top2": preset(*GENRE2, 'train.freeze="top:2"', tasks="genre"),
+    "genre2-layer-4": preset_round10(*GENRE2, "model.layer=-4", tasks="genre"),
+    "genre2-llrd0.7": preset_round10(*GENRE2, "train.layer_lr_decay=0.7", tasks="genre"),
+    "genre2-top2": preset_round10(*GENRE2, 'train.freeze="top:2"', tasks="genre"),
     # Genre alone peaks after about 2 annealed epochs of its data; the joint preset gives it
     # 4. Temperature T = 0.7 down-samples genre to 0.52 of its rows per epoch (2.1 epochs
     # over the run) and up-samples the phrases to 1.08 (4.3 epochs), same steps.
-    "real-genre-t0.7": preset(NO_EMA, 'data.mixing="temperature"', "data.mixing_temperature=0.7"),
+    "real-genre-t0.7": preset_round10(
+        NO_EMA, 'data.mixing="temperature"', "data.mixing_temperature=0.7"
+    ),
     # Round 5, against `real` (EMA): layer-wise decay over the whole 4 epochs keeps the lower
     # layers near the pretrained weights, where genre drifts after its first epoch.
-    "real-llrd0.8": preset("train.layer_lr_decay=0.8"),
+    "real-llrd0.8": preset_round10("train.layer_lr_decay=0.8"),
     # ... and the same decay on genre alone, three seeds (the noise floor above is 3.4 sd).
     **genre2_seeds("genre2-llrd0.8", "train.layer_lr_decay=0.8"),
     # Round 6: sentiment still rose between epochs 3 and 4 of the joint run (89.0 -> 90.3);
     # a fifth epoch is the most the 90-minute budget allows (4 epochs took 61 minutes).
-    "real-5ep": preset("train.epochs=5"),
+    "real-5ep": preset_round10("train.epochs=5"),
     # Round 7: the preset's rate 1e-4 won at one epoch (learning faster); over 4 epochs a
     # lower rate may plateau higher on sentiment and memorise genre's books less.
-    "real-lr5e-5": preset("train.learning_rate=5e-5"),
+    "real-lr5e-5": preset_round10("train.learning_rate=5e-5"),
     # Token cutoff (train.token_cutoff): 10 % of each training row's word pieces hidden
     # per step, a regulariser against fitting the training books' exact wording.
-    "real-cutoff0.1": preset("train.token_cutoff=0.1"),
+    "real-cutoff0.1": preset_round10("train.token_cutoff=0.1"),
     # The heads have trained at head_learning_rate 1e-3 (ten times the backbone) in every
     # row; one rate for all is the usual full fine-tuning recipe. One epoch, on best-balanced.
     "best-balanced-head-lr1e-4": real(*BEST, BALANCED, "train.head_learning_rate=1e-4"),
     # Round 8: several shorter runs from different seeds, averaged (scripts/weight_average.py),
     # inside the 90 minutes together: two 2-epoch runs against the one 4-epoch run.
-    "real-2ep": preset("train.epochs=2"),
-    "real-2ep-seed1": preset("train.epochs=2", "train.seed=1"),
+    "real-2ep": preset_round10("train.epochs=2"),
+    "real-2ep-seed1": preset_round10("train.epochs=2", "train.seed=1"),
     # The two seeds' mean scored below either (87.5 %): a seed also draws the heads' initial
     # weights, and runs average well only from one start. Same start, another data order.
-    "real-2ep-order1": preset("train.epochs=2", "train.seed=1", "train.init_seed=0"),
-    "real-2ep-order2": preset("train.epochs=2", "train.seed=2", "train.init_seed=0"),
+    "real-2ep-order1": preset_round10("train.epochs=2", "train.seed=1", "train.init_seed=0"),
+    "real-2ep-order2": preset_round10("train.epochs=2", "train.seed=2", "train.init_seed=0"),
     # Genre's dev books share no characters with its training books, yet a fine-tuned
     # encoder scores 89 macro-F1 on held-out sentences of the training books: names are the
     # most book-specific words. Genre alone, 2 epochs, trained with every character or place
@@ -174,7 +189,7 @@ ROWS = {
     # Round 9: pooling layer -2 runs 5 of MiniLM's 6 layers. Sentiment plateaus at 89-90.5 on
     # them whatever the length; over the preset's 4 epochs, the sixth layer's capacity (one
     # epoch, `best-layer-1`: level at the end, ahead early) may lift it.
-    "real-layer-1": preset("model.layer=-1"),
+    "real-layer-1": preset_round10("model.layer=-1"),
     # Three levers the study had not measured, one epoch each against `best-balanced`: the
     # classifier's pooling, the task weights learned (Kendall et al. 2018), and the 6,920
     # training sentences added to the phrases (dev is full sentences; the phrases hold
@@ -188,12 +203,12 @@ ROWS = {
     ),
     # The learned task weights lifted SST-2 at one epoch (89.6 against 88.8, genre level):
     # the same over 2 epochs, against the four `real-2ep*` runs of round 8.
-    "real-2ep-uncertainty": preset("train.epochs=2", "train.uncertainty_weighting=true"),
+    "real-2ep-uncertainty": preset_round10("train.epochs=2", "train.uncertainty_weighting=true"),
     # Round 10: the learned task weights over the preset's 4 epochs (+0.7 SST-2 at 2 epochs).
-    "real-uncertainty": preset("train.uncertainty_weighting=true"),
+    "real-uncertainty": preset_round10("train.uncertainty_weighting=true"),
     # The preset computing in bfloat16 (params and optimiser state float32): its time on a
     # CPU with a BF16 unit, and whether its scores hold.
-    "real-bf16": preset('model.dtype="bfloat16"'),
+    "real-bf16": preset_round10('model.dtype="bfloat16"'),
     # Round 11: the preset's batches padded to finer lengths (9 buckets, not 4): the same
     # batches of the same rows in the same order, with 22 % of the padded tokens padding
     # instead of 42 % (only BERT's dropout masks differ, being drawn per padded shape).
