@@ -218,6 +218,8 @@ ROWS = {
     # then jointly for one epoch against `best-balanced`.
     **genre2_seeds("genre2-context1", *GENRE_CONTEXT1),
     "best-balanced-context1": real(*BEST, BALANCED, *GENRE_CONTEXT1),
+    # Next (defined, not run in round 11): the windows over the preset's 4 epochs.
+    "real-context1": preset(*GENRE_CONTEXT1),
 }
 
 
