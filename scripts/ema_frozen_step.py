@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import numpy as np
 import optax
+from bench.measure import time_steps
 from bench.workloads import random_batch
 
 from mtl_jax import freezing
@@ -69,11 +69,12 @@ def main() -> None:
         for name in list(arms) if r % 2 == 0 else reversed(list(arms)):
             step, state = arms[name]
             batches = [batch() for _ in range(args.steps)]
-            start = time.perf_counter()
-            for b in batches:
-                state, _ = step(state, b, jax.random.key(r))
-            arms[name][1] = jax.block_until_ready(state)
-            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+            key = jax.random.key(r)
+            state, total, _ = time_steps(
+                lambda s, b, step=step, key=key: step(s, b, key), state, batches, sync=False
+            )
+            arms[name][1] = state
+            times[name].append(total[0] / args.steps * 1e3)
     medians = {name: float(np.median(t)) for name, t in times.items()}
     print(
         json.dumps(
