@@ -20,8 +20,12 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtl_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from mtl_jax.config import Config
 
 # mtl_jax.checkpoint.WHICH, spelled out so parsing argv imports no JAX (a test keeps them equal)
 WHICH = ("latest", "best", "average")
@@ -283,14 +287,32 @@ def _read_texts(path: str, text_column: str, skip_empty: bool = False) -> list[s
     return [row.text for row in read_rows(path, text_column, skip_empty=skip_empty)]
 
 
+def _read_passages(
+    path: str, text_column: str, config: Config, skip_empty: bool
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The sentences, and the source column of each task that reads its neighbours
+    (``tasks.<name>.context``). A ``.txt`` file or stdin is one passage; a table must have
+    the column, so that no window joins sentences of different texts."""
+    from mtl_jax.data import read_rows
+    from mtl_jax.data.context import source_values
+
+    columns = sorted({t.source_column for t in config.tasks if t.context and t.source_column})
+    if path == "-" or Path(path).suffix.lower() == ".txt" or not columns:
+        return _read_texts(path, text_column, skip_empty), {}
+    rows = read_rows(path, text_column, columns, skip_empty=skip_empty)
+    lines = [row.line for row in rows]
+    sources = {c: source_values(path, lines, [r.labels[c] for r in rows], c) for c in columns}
+    return [row.text for row in rows], sources
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from mtl_jax.inference import load_trained, predict_texts
 
     trained = load_trained(args.checkpoint, args.which).with_dtype(args.dtype)
-    texts = _read_texts(args.input, args.text_column, args.skip_empty)
+    texts, sources = _read_passages(args.input, args.text_column, trained.config, args.skip_empty)
     batch_size = _positive(args.batch_size, "--batch-size")
     stats: dict[str, int] = {}
-    for record in predict_texts(trained, texts, batch_size, stats):
+    for record in predict_texts(trained, texts, batch_size, stats, sources):
         print(json.dumps(record))
     print(json.dumps({"sentences": len(texts), **stats}), file=sys.stderr)  # like embed
     return 0

@@ -105,6 +105,8 @@ class TaskConfig:
     dev_file: str = ""
     text_column: str = "text"
     label_column: str = ""  # empty: the task's name
+    context: int = 0  # neighbouring rows per side read with each row (mtl_jax.data.context)
+    source_column: str = ""  # the column naming each row's source text; empty: the file is one
     loss_weight: float = 1.0
     class_weighting: str = "none"  # none | balanced: n / (K * n_c) from the training labels
     class_weights: tuple[float, ...] = ()  # per label, in label order; empty: all 1
@@ -128,6 +130,7 @@ class TaskConfig:
             f"tasks.{self.name}",
             [
                 ("loss_weight", self.loss_weight >= 0, "a number >= 0"),
+                ("context", self.context >= 0, "a number of neighbouring rows >= 0"),
                 (
                     "class_weighting",
                     self.class_weighting in CLASS_WEIGHTINGS,
@@ -145,6 +148,9 @@ class TaskConfig:
                 ("labels", len(set(labels)) == len(labels), "distinct names"),
                 ("labels", len(labels) != 1, "at least two labels (or none, to infer them)"),
             ],
+        )
+        _check_applies(
+            self, f"tasks.{self.name}", [("source_column", self.context > 0, "context > 0")]
         )
 
 

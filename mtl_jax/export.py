@@ -190,6 +190,10 @@ def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
             "hidden": list(task.hidden),
             "dropout": float(task.dropout),
             "layers": layers,
+            # >0: the head was trained on each sentence joined (by a space) with this many
+            # sentences before and after it from the same source_column text
+            "context": int(task.context),
+            "source_column": task.source_column if task.context else "",
         }
     return {
         "input": "the sentence embedding (SentenceTransformer(DIR).encode(texts))",

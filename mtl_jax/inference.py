@@ -7,7 +7,7 @@ this module turns texts and run directories into its inputs and its outputs into
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +17,7 @@ import numpy as np
 from mtl_jax.checkpoint import check_label_stamp, check_params_fit, open_run, restore_params
 from mtl_jax.config import Config, ModelConfig
 from mtl_jax.data import load_task_datasets
+from mtl_jax.data.context import ContextKey, context_key, windows
 from mtl_jax.encoder import Backbone, load_backbone, tokenize
 from mtl_jax.evaluate import (  # noqa: F401  (embed/predict_tokenized: public here too)
     Scores,
@@ -151,23 +152,37 @@ def predict_texts(
     texts: Sequence[str],
     batch_size: int = 64,
     stats: dict[str, int] | None = None,
+    sources: Mapping[str, Sequence[str]] | None = None,
 ) -> list[dict]:
     """One record per sentence: ``{"text", <task>: {"label", "probs": {label: p}}}``.
 
-    With ``stats``, ``stats["truncated"]`` is set to the number of sentences cut at
-    ``model.max_length`` tokens.
+    A task trained with ``context`` reads each sentence joined with its neighbours, as in
+    training: ``sources`` maps its ``source_column`` to each sentence's source text; when
+    the column is not given, the texts in order are one passage. Tasks that read the same
+    input share one forward pass. With ``stats``, ``stats["truncated"]`` is set to the
+    number of inputs cut at ``model.max_length`` tokens (the most over those passes).
     """
     config = trained.config
-    tokenized = tokenize(trained.tokenizer, list(texts), config.model.max_length)
+    groups: dict[ContextKey, list[str]] = {}
+    for task in config.tasks:
+        groups.setdefault(context_key(task), []).append(task.name)
+    probs: dict[str, np.ndarray] = {}
+    truncated = 0
+    for (context, column), names in groups.items():
+        given = (sources or {}).get(column) if column else None
+        inputs = windows(texts, [""] * len(texts) if given is None else given, context)
+        tokenized = tokenize(trained.tokenizer, inputs, config.model.max_length)
+        truncated = max(truncated, tokenized.truncated)
+        group_probs = predict_tokenized(
+            trained.model,
+            trained.params,
+            tokenized,
+            batch_size=batch_size,
+            max_length=config.model.max_length,
+        )
+        probs.update({name: group_probs[name] for name in names})
     if stats is not None:
-        stats["truncated"] = tokenized.truncated
-    probs = predict_tokenized(
-        trained.model,
-        trained.params,
-        tokenized,
-        batch_size=batch_size,
-        max_length=config.model.max_length,
-    )
+        stats["truncated"] = truncated
     records = []
     for i, text in enumerate(texts):
         record: dict[str, Any] = {"text": text}

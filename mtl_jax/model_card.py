@@ -89,6 +89,17 @@ def _task_lines(config: Config, heads: dict[str, Any]) -> list[str]:
             train, dev = f"`{task.train_file or '-'}`", f"`{task.dev_file or '-'}`"
         labels = ", ".join(task.labels)
         lines.append(f"| {task.name} | {labels} | {head} | {train} | {dev} |")
+    for task in config.tasks:
+        if task.context:
+            column = task.source_column
+            source = f"the same `{column}`" if column else "the same file"
+            lines += [
+                "",
+                f"The {task.name} head reads each sentence joined (by a space) with up to "
+                f"{task.context} sentence(s) before and after it from {source}, in order: "
+                "give it such windows (`mtl-jax predict` builds them from its input"
+                + (f"'s `{column}` column)." if column else ")."),
+            ]
     return lines
 
 

@@ -108,10 +108,12 @@ def make_rows(n: int, seed: int, label_noise: float = 0.05) -> list[dict[str, st
 
 
 def write_tsv(path, rows: list[dict[str, str]]) -> None:
-    """Write rows as the TSV format the data readers take (header: text, genre, sentiment)."""
+    """Write rows as the TSV format the data readers take (header: the first row's keys,
+    by default text, genre, sentiment)."""
     import csv
 
+    fieldnames = list(rows[0]) if rows else ["text", "genre", "sentiment"]
     with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "genre", "sentiment"], delimiter="\t")
+        writer = csv.DictWriter(f, fieldnames=fieldnames, delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)

@@ -22,7 +22,9 @@ from sklearn.metrics import f1_score
 from mtl_jax import checkpoint, cli
 from mtl_jax.checkpoint import read_config
 from mtl_jax.config_io import apply_overrides, load_config
-from mtl_jax.inference import SentenceEncoder, load_trained
+from mtl_jax.data import windows
+from mtl_jax.encoder import tokenize
+from mtl_jax.inference import SentenceEncoder, load_trained, predict_tokenized
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.synthetic import make_rows, write_tsv
@@ -400,3 +402,77 @@ def test_export_then_embed_from_the_exported_directory(trained, tmp_path):
     np.testing.assert_allclose(vectors["--model"], vectors["--checkpoint"], rtol=0, atol=1e-6)
     code, _, err = run_cli(["export", "--checkpoint", str(workdir), "--output", str(out)])
     assert code == 2 and err.startswith(f"error: --output {out}: exists and is not empty")
+
+
+def test_a_task_read_with_its_neighbours_predicts_on_the_windows_it_trained_on(tmp_path):
+    """``tasks.genre.context``: eval (the data layer) and predict (inference) build the same
+    windows, sentiment still reads each sentence alone, and the export says so."""
+    train_rows, dev_rows = make_rows(96, seed=5), make_rows(30, seed=6)
+    for i, row in enumerate(train_rows):
+        row["doc"] = f"d{i % 7}"  # interleaved sources: neighbours are not adjacent lines
+    for i, row in enumerate(dev_rows):
+        row["doc"] = f"e{i // 4}"
+    train_file, dev_file = tmp_path / "train.tsv", tmp_path / "dev.tsv"
+    write_tsv(train_file, train_rows)
+    write_tsv(dev_file, dev_rows)
+    files = [
+        f'tasks.{task}.{split}_file="{path}"'
+        for task in TASKS
+        for split, path in (("train", train_file), ("dev", dev_file))
+    ]
+    sets = [
+        *SETS,
+        "data.synthetic_train_rows=0",
+        "data.synthetic_dev_rows=0",
+        *files,
+        "tasks.genre.context=1",
+        'tasks.genre.source_column="doc"',
+    ]
+    workdir = tmp_path / "run"
+    argv = ["train", "--preset", "demo", *_each("--set", sets), "--workdir", str(workdir)]
+    code, _, err = run_cli([*argv, "--no-progress"])
+    assert code == 0, err
+
+    data = [f"{task}={dev_file}" for task in TASKS]
+    code, out, err = run_cli(["eval", "--checkpoint", str(workdir), *_each("--data", data)])
+    assert code == 0, err
+    scores = json.loads(out)
+    code, out, err = run_cli(["predict", "--checkpoint", str(workdir), "--input", str(dev_file)])
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    check_records(records, [row["text"] for row in dev_rows])
+    for task, labels in TASKS.items():
+        truth = [labels.index(row[task]) for row in dev_rows]
+        pred = [labels.index(r[task]["label"]) for r in records]
+        confusion = np.zeros((len(labels), len(labels)), int)
+        np.add.at(confusion, (truth, pred), 1)
+        assert scores[task]["confusion"] == confusion.tolist()
+
+    trained = load_trained(str(workdir))
+    texts, docs = [row["text"] for row in dev_rows], [row["doc"] for row in dev_rows]
+    probs = {}
+    for name, inputs in (("windows", windows(texts, docs, 1)), ("sentences", texts)):
+        tokenized = tokenize(trained.tokenizer, inputs, trained.config.model.max_length)
+        probs[name] = predict_tokenized(trained.model, trained.params, tokenized)
+    genre = np.array([list(r["genre"]["probs"].values()) for r in records])
+    sentiment = np.array([list(r["sentiment"]["probs"].values()) for r in records])
+    np.testing.assert_allclose(genre, probs["windows"]["genre"], atol=1e-5)
+    np.testing.assert_allclose(sentiment, probs["sentences"]["sentiment"], atol=1e-5)
+    assert np.abs(genre - probs["sentences"]["genre"]).max() > 1e-3  # the windows matter
+
+    no_doc = tmp_path / "no_doc.tsv"
+    write_tsv(no_doc, make_rows(3, seed=1))
+    code, out, err = run_cli(["predict", "--checkpoint", str(workdir), "--input", str(no_doc)])
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert f"{no_doc}:1 (column 'doc'): no column 'doc'" in err
+
+    exported = tmp_path / "exported"
+    code, _, err = run_cli(["export", "--checkpoint", str(workdir), "--output", str(exported)])
+    assert code == 0, err
+    heads = json.loads((exported / "heads.json").read_text())["tasks"]
+    assert (heads["genre"]["context"], heads["genre"]["source_column"]) == (1, "doc")
+    assert (heads["sentiment"]["context"], heads["sentiment"]["source_column"]) == (0, "")
+    assert (
+        "with up to 1 sentence(s) before and after it from the same `doc`"
+        in (exported / "README.md").read_text()
+    )

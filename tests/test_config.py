@@ -380,18 +380,18 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert [task.name for task in configs["genre2"].tasks] == ["genre"]
     context = configs["best-balanced-context1"]
     assert context.task("genre") == dataclasses.replace(
-        baseline.task("genre"),
-        train_file=str(experiments.CONTEXT1 / "train.tsv"),
-        dev_file=str(experiments.CONTEXT1 / "dev.tsv"),
+        baseline.task("genre"), context=1, source_column="source_id"
     )
     assert (context.train, context.task("sentiment")) == (
         baseline.train,
         baseline.task("sentiment"),
     )
     assert configs["genre2-context1-seed2"].task("genre") == dataclasses.replace(
-        configs["genre2-seed2"].task("genre"),
-        train_file=context.task("genre").train_file,
-        dev_file=context.task("genre").dev_file,
+        configs["genre2-seed2"].task("genre"), context=1, source_column="source_id"
     )
     assert configs["real-fine-buckets"] == real("data")
+    assert configs["real-context1"].tasks == (
+        dataclasses.replace(real("data").task("genre"), context=1, source_column="source_id"),
+        real("data").task("sentiment"),
+    )
     assert real("data").data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)

@@ -1,7 +1,8 @@
 """The data layer of the fit loop, one module per job; this package re-exports its API.
 
 Pipeline: :mod:`~mtl_jax.data.readers` (``read_rows``: file -> rows, every bad input a
-:class:`UserError` naming file, line and column) -> :mod:`~mtl_jax.data.labels`
+:class:`UserError` naming file, line and column) -> :mod:`~mtl_jax.data.context`
+(``windows``: a row with its neighbours, for tasks with ``context``) -> :mod:`~mtl_jax.data.labels`
 (``labels_from_files`` / ``encode_labels``: names -> ids; class weights) ->
 :mod:`~mtl_jax.data.dataset` (a :class:`Dataset`, tokenised once, numpy only) ->
 :mod:`~mtl_jax.data.sampling` (``epoch_batches``: row indices per batch, a pure function
@@ -39,6 +40,7 @@ from mtl_jax.data.batching import (
     make_batch,
     restore_order,
 )
+from mtl_jax.data.context import windows
 from mtl_jax.data.dataset import Dataset, dataset_from_rows, load_task_datasets
 from mtl_jax.data.labels import (
     class_weights_from,
@@ -74,4 +76,5 @@ __all__ = [
     "restore_order",
     "steps_per_epoch",
     "stream_state",
+    "windows",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mtl_jax.config import Config, TaskConfig
+from mtl_jax.data.context import context_key, source_values, windows
 from mtl_jax.data.labels import encode_labels
 from mtl_jax.data.readers import Row, file_key, parse_label, read_rows
 from mtl_jax.encoder import Tokenized, tokenize
@@ -111,18 +112,11 @@ def load_task_datasets(
             f"tasks {unresolved} have no labels; call config.with_labels(labels_from_files(config)) first"
         )
     task_names = config.task_names
-    texts, lines, sources, blocks, names = [], [], [], [], []
-    for s, (path, text_column, tasks) in enumerate(_split_files(config, split)):
+    parts = []
+    for path, text_column, tasks in _split_files(config, split):
         rows, block = _read_source(path, text_column, tasks, task_names, skip_empty)
-        texts += [row.text for row in rows]
-        lines += [row.line for row in rows]
-        sources += [s] * len(rows)
-        blocks.append(block)
-        names.append(str(path))
-    labels = np.concatenate(blocks) if blocks else np.zeros((0, len(task_names)), np.int32)
-    dataset = build_dataset(
-        tokenizer, config.model.max_length, texts, labels, lines, sources, names, task_names
-    )
+        parts += context_parts(rows, block, tasks, task_names, path)
+    dataset = build_dataset(tokenizer, config.model.max_length, *_joined(parts), task_names)
     if dataset.truncated:
         log.info(
             "%s split: %d of %d rows cut at model.max_length=%d",
@@ -162,9 +156,11 @@ def _read_source(
     task_names: Sequence[str],
     skip_empty: bool,
 ) -> tuple[list[Row], np.ndarray]:
-    """One file's rows and their label ids ``int32 [rows, n_tasks]`` (``-1``: other tasks)."""
+    """One file's rows and their label ids ``int32 [rows, n_tasks]`` (``-1``: other tasks);
+    a source column that a task reads its neighbours by is read as a label column."""
     columns = list(dict.fromkeys(t.label_key for t in tasks))
-    rows = read_rows(path, text_column, columns, skip_empty=skip_empty)
+    wanted = list(dict.fromkeys([*columns, *(t.source_column for t in tasks if t.context)]))
+    rows = read_rows(path, text_column, [c for c in wanted if c], skip_empty=skip_empty)
     block = np.full((len(rows), len(task_names)), -1, np.int32)
     for task in tasks:
         block[:, task_names.index(task.name)] = encode_labels(
@@ -178,6 +174,53 @@ def _read_source(
             f" ({unlabelled.size} such row(s)); fill in the label or remove the row"
         )
     return rows, block
+
+
+def context_parts(
+    rows: Sequence[Row],
+    block: np.ndarray,
+    tasks: Sequence[TaskConfig],
+    task_names: Sequence[str],
+    path: str,
+) -> list[tuple[list[Row], np.ndarray, str]]:
+    """A source's rows as each context its tasks read: ``(rows, label ids, source name)``.
+
+    Tasks reading each row alone see the rows as they are. A task with ``context`` sees
+    each row as its window (:func:`~mtl_jax.data.context.windows`, over all the source's
+    rows, labelled or not). When tasks sharing a source read different contexts, each
+    context is its own part, holding the rows that carry one of its tasks' labels.
+    """
+    groups: dict[tuple[int, str], list[int]] = {(0, ""): []} if not tasks else {}
+    for task in tasks:
+        groups.setdefault(context_key(task), []).append(task_names.index(task.name))
+    parts = []
+    for (context, column), ids in groups.items():
+        part_rows, part_block = list(rows), block
+        if len(groups) > 1:
+            part_block = np.full_like(block, -1)
+            part_block[:, ids] = block[:, ids]
+        if context:
+            lines = [row.line for row in rows]
+            values = [row.labels.get(column) for row in rows] if column else []
+            sources = source_values(path, lines, values, column)
+            texts = windows([row.text for row in rows], sources, context)
+            part_rows = [row._replace(text=text) for row, text in zip(rows, texts, strict=True)]
+        if len(groups) > 1:
+            keep = np.flatnonzero((part_block >= 0).any(axis=1))
+            part_rows, part_block = [part_rows[i] for i in keep], part_block[keep]
+        name = f"{path} (context {context})" if context else str(path)
+        parts.append((part_rows, part_block, name))
+    return parts
+
+
+def _joined(parts: Sequence[tuple[list[Row], np.ndarray, str]]) -> tuple:
+    """:func:`build_dataset`'s ``texts, labels, lines, source, source_names`` from parts
+    (one source each)."""
+    rows = [row for part_rows, _, _ in parts for row in part_rows]
+    source = [s for s, (part_rows, _, _) in enumerate(parts) for _ in part_rows]
+    labels = np.concatenate([block for _, block, _ in parts]) if parts else np.zeros(0)
+    names = [name for _, _, name in parts]
+    return [r.text for r in rows], labels, [r.line for r in rows], source, names
 
 
 def dataset_from_rows(
@@ -197,27 +240,17 @@ def dataset_from_rows(
             f"tasks {unresolved} have no labels; set them or resolve them from the train files first"
         )
     text_column = config.tasks[0].text_column if config.tasks else "text"
+    columns = list(dict.fromkeys([t.label_key for t in config.tasks]))
+    columns += [t.source_column for t in config.tasks if t.context and t.source_column]
     parsed = []
     for i, row in enumerate(rows, start=1):
         text = row.get(text_column)
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{where(source, i, text_column)}: missing or empty text")
-        labels = {
-            t.label_key: parse_label(Path(source), i, t.label_key, row.get(t.label_key))
-            for t in config.tasks
-        }
-        parsed.append(Row(i, text, labels))
-    labels = np.full((len(parsed), len(config.tasks)), -1, np.int32)
+        values = {c: parse_label(Path(source), i, c, row.get(c)) for c in dict.fromkeys(columns)}
+        parsed.append(Row(i, text, values))
+    block = np.full((len(parsed), len(config.tasks)), -1, np.int32)
     for k, task in enumerate(config.tasks):
-        labels[:, k] = encode_labels(parsed, task.labels, source, task.label_key)
-    n = len(parsed)
-    return build_dataset(
-        tokenizer,
-        config.model.max_length,
-        [r.text for r in parsed],
-        labels,
-        np.arange(1, n + 1),
-        np.zeros(n),
-        (source,),
-        config.task_names,
-    )
+        block[:, k] = encode_labels(parsed, task.labels, source, task.label_key)
+    parts = context_parts(parsed, block, config.tasks, config.task_names, source)
+    return build_dataset(tokenizer, config.model.max_length, *_joined(parts), config.task_names)

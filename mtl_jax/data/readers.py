@@ -160,7 +160,7 @@ def _parse_delimited(
         raise UserError(
             f"{where(path, 1, missing[0])}: no column '{missing[0]}' in the header; the "
             f"columns are {', '.join(repr(h) for h in header)}. Set the task's text_column / "
-            "label_column to one of these, or fix the header"
+            "label_column / source_column to one of these, or fix the header"
         )
     for name in wanted:
         if header.count(name) > 1:
@@ -274,7 +274,7 @@ def _parse_jsonl(
         if not found:
             raise UserError(
                 f"{where(path, None, column)}: no object has the key '{column}'; set the "
-                "task's label_column to the key that holds its labels"
+                "task's label_column (source_column) to the key that holds its labels (sources)"
             )
     return rows
 
