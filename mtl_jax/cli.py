@@ -291,17 +291,36 @@ def _read_passages(
     path: str, text_column: str, config: Config, skip_empty: bool
 ) -> tuple[list[str], dict[str, list[str]]]:
     """The sentences, and the source column of each task that reads its neighbours
-    (``tasks.<name>.context``). A ``.txt`` file or stdin is one passage; a table must have
-    the column, so that no window joins sentences of different texts."""
+    (``tasks.<name>.context``). A ``.txt`` file or stdin is one passage (said on stderr);
+    a table must have the column, so that no window joins sentences of different texts."""
     from mtl_jax.data import read_rows
     from mtl_jax.data.context import source_values
+    from mtl_jax.data.readers import MissingColumnError
 
-    columns = sorted({t.source_column for t in config.tasks if t.context and t.source_column})
-    if path == "-" or Path(path).suffix.lower() == ".txt" or not columns:
+    readers = {t.source_column: t.name for t in config.tasks if t.context and t.source_column}
+    if not readers:
         return _read_texts(path, text_column, skip_empty), {}
-    rows = read_rows(path, text_column, columns, skip_empty=skip_empty)
+    if path == "-" or Path(path).suffix.lower() == ".txt":
+        texts = _read_texts(path, text_column, skip_empty)
+        tasks = ", ".join(sorted(readers.values()))
+        print(
+            f"note: {tasks} read each line with its neighbours: the input is one passage",
+            file=sys.stderr,
+        )
+        return texts, {column: [""] * len(texts) for column in readers}
+    try:
+        rows = read_rows(path, text_column, sorted(readers), skip_empty=skip_empty)
+    except MissingColumnError as error:
+        if error.column not in readers:
+            raise
+        raise UserError(
+            f"{path}: no '{error.column}' column: the checkpoint's task "
+            f"'{readers[error.column]}' reads each sentence with its neighbours from the same "
+            f"'{error.column}' text; add that column, or give a .txt file (one passage)"
+        ) from None
     lines = [row.line for row in rows]
-    sources = {c: source_values(path, lines, [r.labels[c] for r in rows], c) for c in columns}
+    fix = "or give a .txt file (read as one passage)"
+    sources = {c: source_values(path, lines, [r.labels[c] for r in rows], c, fix) for c in readers}
     return [row.text for row in rows], sources
 
 

@@ -132,6 +132,11 @@ class TaskConfig:
                 ("loss_weight", self.loss_weight >= 0, "a number >= 0"),
                 ("context", self.context >= 0, "a number of neighbouring rows >= 0"),
                 (
+                    "source_column",
+                    self.source_column not in (self.text_column, self.label_key),
+                    "a column other than the text's and the label's",
+                ),
+                (
                     "class_weighting",
                     self.class_weighting in CLASS_WEIGHTINGS,
                     f"one of {CLASS_WEIGHTINGS}",

@@ -196,7 +196,8 @@ def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
             "source_column": task.source_column if task.context else "",
         }
     return {
-        "input": "the sentence embedding (SentenceTransformer(DIR).encode(texts))",
+        "input": "the sentence embedding (SentenceTransformer(DIR).encode(texts)); of each "
+        "sentence's window for a task with context > 0",
         "input_dim": input_dim,
         "weights": HEADS_WEIGHTS,
         "weight_layout": "PyTorch nn.Linear: weight [out_features, in_features]",

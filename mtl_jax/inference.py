@@ -17,7 +17,7 @@ import numpy as np
 from mtl_jax.checkpoint import check_label_stamp, check_params_fit, open_run, restore_params
 from mtl_jax.config import Config, ModelConfig
 from mtl_jax.data import load_task_datasets
-from mtl_jax.data.context import ContextKey, context_key, windows
+from mtl_jax.data.context import ContextKey, context_key, fitted_windows
 from mtl_jax.encoder import Backbone, load_backbone, tokenize
 from mtl_jax.evaluate import (  # noqa: F401  (embed/predict_tokenized: public here too)
     Scores,
@@ -157,10 +157,13 @@ def predict_texts(
     """One record per sentence: ``{"text", <task>: {"label", "probs": {label: p}}}``.
 
     A task trained with ``context`` reads each sentence joined with its neighbours, as in
-    training: ``sources`` maps its ``source_column`` to each sentence's source text; when
-    the column is not given, the texts in order are one passage. Tasks that read the same
+    training: ``sources`` maps its ``source_column`` to each sentence's source text
+    (``[""] * len(texts)``: the texts in order are one passage). Tasks that read the same
     input share one forward pass. With ``stats``, ``stats["truncated"]`` is set to the
     number of inputs cut at ``model.max_length`` tokens (the most over those passes).
+
+    Raises:
+      ValueError: ``sources`` lacks the source column of a task with context.
     """
     config = trained.config
     groups: dict[ContextKey, list[str]] = {}
@@ -168,17 +171,25 @@ def predict_texts(
         groups.setdefault(context_key(task), []).append(task.name)
     probs: dict[str, np.ndarray] = {}
     truncated = 0
+    max_length = config.model.max_length
     for (context, column), names in groups.items():
-        given = (sources or {}).get(column) if column else None
-        inputs = windows(texts, [""] * len(texts) if given is None else given, context)
-        tokenized = tokenize(trained.tokenizer, inputs, config.model.max_length)
+        passages = [""] * len(texts)
+        if column:
+            if column not in (sources or {}):
+                raise ValueError(
+                    f"tasks {names} read each sentence with its neighbours by {column!r}: "
+                    f"pass sources={{{column!r}: [...]}} (one value per text)"
+                )
+            passages = list(sources[column])
+        inputs = fitted_windows(trained.tokenizer, max_length, texts, passages, context)
+        tokenized = tokenize(trained.tokenizer, inputs, max_length)
         truncated = max(truncated, tokenized.truncated)
         group_probs = predict_tokenized(
             trained.model,
             trained.params,
             tokenized,
             batch_size=batch_size,
-            max_length=config.model.max_length,
+            max_length=max_length,
         )
         probs.update({name: group_probs[name] for name in names})
     if stats is not None:

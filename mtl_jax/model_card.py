@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mtl_jax.config import Config
+from mtl_jax.config import Config, TaskConfig
 from mtl_jax.metrics_log import read_metrics
 
 SCORES = ("accuracy", "macro_f1", "loss")
@@ -89,18 +89,20 @@ def _task_lines(config: Config, heads: dict[str, Any]) -> list[str]:
             train, dev = f"`{task.train_file or '-'}`", f"`{task.dev_file or '-'}`"
         labels = ", ".join(task.labels)
         lines.append(f"| {task.name} | {labels} | {head} | {train} | {dev} |")
-    for task in config.tasks:
-        if task.context:
-            column = task.source_column
-            source = f"the same `{column}`" if column else "the same file"
-            lines += [
-                "",
-                f"The {task.name} head reads each sentence joined (by a space) with up to "
-                f"{task.context} sentence(s) before and after it from {source}, in order: "
-                "give it such windows (`mtl-jax predict` builds them from its input"
-                + (f"'s `{column}` column)." if column else ")."),
-            ]
+    lines += [_context_note(task) for task in config.tasks if task.context]
     return lines
+
+
+def _context_note(task: TaskConfig) -> str:
+    """How a task that reads neighbours wants its input (the embeddings are of windows)."""
+    column = task.source_column
+    source = f"the same `{column}`" if column else "the same file"
+    return (
+        f"\nThe {task.name} head reads each sentence joined (by a space) with up to "
+        f"{task.context} sentence(s) before and after it from {source}, in order, as many "
+        "as fit the model's length: give it such windows (`mtl-jax predict` builds them "
+        + (f"from its input's `{column}` column)." if column else "from its input).")
+    )
 
 
 def _checkpoint_words(run: dict[str, Any]) -> str:

@@ -23,8 +23,9 @@ from mtl_jax import checkpoint, cli
 from mtl_jax.checkpoint import read_config
 from mtl_jax.config_io import apply_overrides, load_config
 from mtl_jax.data import windows
+from mtl_jax.data.context import fitted_windows
 from mtl_jax.encoder import tokenize
-from mtl_jax.inference import SentenceEncoder, load_trained, predict_tokenized
+from mtl_jax.inference import SentenceEncoder, load_trained, predict_texts, predict_tokenized
 from mtl_jax.metrics_log import read_metrics
 from mtl_jax.presets import preset
 from mtl_jax.synthetic import make_rows, write_tsv
@@ -451,7 +452,10 @@ def test_a_task_read_with_its_neighbours_predicts_on_the_windows_it_trained_on(t
     trained = load_trained(str(workdir))
     texts, docs = [row["text"] for row in dev_rows], [row["doc"] for row in dev_rows]
     probs = {}
-    for name, inputs in (("windows", windows(texts, docs, 1)), ("sentences", texts)):
+    max_length = trained.config.model.max_length
+    fitted = fitted_windows(trained.tokenizer, max_length, texts, docs, 1)
+    assert 0 < sum(w != v for w, v in zip(fitted, windows(texts, docs, 1), strict=True)) < 30
+    for name, inputs in (("windows", fitted), ("sentences", texts)):
         tokenized = tokenize(trained.tokenizer, inputs, trained.config.model.max_length)
         probs[name] = predict_tokenized(trained.model, trained.params, tokenized)
     genre = np.array([list(r["genre"]["probs"].values()) for r in records])
@@ -464,7 +468,18 @@ def test_a_task_read_with_its_neighbours_predicts_on_the_windows_it_trained_on(t
     write_tsv(no_doc, make_rows(3, seed=1))
     code, out, err = run_cli(["predict", "--checkpoint", str(workdir), "--input", str(no_doc)])
     assert (code, out) == (2, "") and err.count("\n") == 1
-    assert f"{no_doc}:1 (column 'doc'): no column 'doc'" in err
+    assert f"{no_doc}: no 'doc' column: the checkpoint's task 'genre' reads" in err
+    with pytest.raises(ValueError, match="sources="):
+        predict_texts(trained, texts)
+    lines = tmp_path / "passage.txt"
+    lines.write_text("\n".join(texts[:4]) + "\n", encoding="utf-8")
+    code, out, err = run_cli(["predict", "--checkpoint", str(workdir), "--input", str(lines)])
+    assert code == 0, err
+    assert err.splitlines()[0] == (
+        "note: genre read each line with its neighbours: the input is one passage"
+    )
+    expected = predict_texts(trained, texts[:4], sources={"doc": ["e0"] * 4})  # one source
+    assert [json.loads(line) for line in out.splitlines()] == expected
 
     exported = tmp_path / "exported"
     code, _, err = run_cli(["export", "--checkpoint", str(workdir), "--output", str(exported)])

@@ -10,6 +10,8 @@ import pytest
 from mtl_jax.config import Config, ModelConfig, TaskConfig, default_tasks
 from mtl_jax.config_io import apply_overrides
 from mtl_jax.data import dataset_from_rows, load_task_datasets, windows
+from mtl_jax.data.context import fitted_windows
+from mtl_jax.encoder import tokenize
 from mtl_jax.errors import UserError
 
 GENRES = ("adventure", "humor")
@@ -29,6 +31,33 @@ def test_neighbours_come_from_the_rows_own_source_in_order():
     assert windows(texts, sources, 2)[3] == "a1 a2 a3 a4"
     assert windows(texts, sources, 0) == texts
     assert windows(texts, [""] * 6, 1)[2] == "a2 b1 a3"  # one source: the file in order
+
+
+def test_a_window_keeps_its_own_row_whole_and_takes_the_nearest_neighbours_that_fit():
+    texts, sources = ["a", "b", "c", "d", "e"], [""] * 5
+    lengths = [1, 5, 2, 1, 1]
+    # Budget 4: row c (2 tokens) cannot take b (5), so its window grows to the right only;
+    # row e takes d, then c (nearest first, up to `context` per side).
+    assert windows(texts, sources, 2, lengths, 4) == ["a", "b", "c d e", "c d e", "c d e"]
+    assert windows(texts, sources, 1, lengths, 4) == ["a", "b", "c d", "c d e", "d e"]
+    assert windows(texts, sources, 1, lengths, 100) == windows(texts, sources, 1)
+    assert windows(["long", "x"], ["", ""], 1, [9, 1], 4) == ["long", "x"]  # alone if too long
+
+
+def test_fitted_windows_fit_the_model_and_hold_the_row(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    words = ["the", "clown", "laughed", "and", "the", "crowd", "sang", "in", "the", "rain"]
+    texts = [" ".join(words[: 2 + (i * 5) % 10]) + "." for i in range(12)]
+    sources = [f"s{i % 2}" for i in range(12)]
+    for max_length in (16, 24, 512):
+        fitted = fitted_windows(tok, max_length, texts, sources, 2)
+        lengths = tokenize(tok, fitted, 10_000).lengths
+        alone = [w == t for w, t in zip(fitted, texts, strict=True)]
+        assert all(n <= max_length or a for n, a in zip(lengths, alone, strict=True))
+        assert all(text in window for text, window in zip(texts, fitted, strict=True))
+        if max_length < 512:  # some windows lost a neighbour, none was cut
+            assert fitted != windows(texts, sources, 2)
+    assert fitted == windows(texts, sources, 2)  # 512 tokens: every window whole
 
 
 def write(path, text):
@@ -116,6 +145,9 @@ def test_bad_context_input_names_the_line_column_and_fix(tmp_path, tiny_backbone
         context_config(missing, sentiment, context=-1).validate()
     with pytest.raises(UserError, match=r"'tasks.genre.source_column'.*context > 0"):
         context_config(missing, sentiment, source_column="source_id").validate()
+    for column in ("genre", "text"):  # windows grouped by the label would leak it
+        with pytest.raises(UserError, match=r"'tasks.genre.source_column'.*other than"):
+            context_config(missing, sentiment, context=1, source_column=column).validate()
 
 
 def test_overrides_set_a_tasks_context():

@@ -13,17 +13,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mtl_jax.encoder import tokenize
 from mtl_jax.errors import UserError, where
 
 ContextKey = tuple[int, str]  # (neighbours per side, source column); (0, "") = the row alone
 
 
-def windows(texts: Sequence[str], sources: Sequence[str], context: int) -> list[str]:
+def windows(
+    texts: Sequence[str],
+    sources: Sequence[str],
+    context: int,
+    lengths: Sequence[int] | None = None,
+    budget: int | None = None,
+) -> list[str]:
     """Each text joined (by a space) with up to ``context`` neighbours on each side that
     share its source.
 
     A source's rows need not be contiguous: a row's neighbours are its source's rows
-    before and after it, in order.
+    before and after it, in order. With ``lengths`` (tokens per text) and a ``budget``,
+    neighbours join nearest first, the one before then the one after, only while the
+    window fits: a window is whole sentences and always holds its own row, which a cut
+    at the model's length would lose whenever the sentences before it are long.
     """
     if context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
@@ -31,15 +41,33 @@ def windows(texts: Sequence[str], sources: Sequence[str], context: int) -> list[
         raise ValueError(f"{len(texts)} texts but {len(sources)} sources")
     if context == 0:
         return list(texts)
+    sizes = [0] * len(texts) if lengths is None else list(lengths)
+    room = sum(sizes) if budget is None else budget
     by_source: dict[str, list[int]] = {}
     for i, source in enumerate(sources):
         by_source.setdefault(source, []).append(i)
     joined = [""] * len(texts)
     for members in by_source.values():
         for k, i in enumerate(members):
-            around = members[max(0, k - context) : k + context + 1]
-            joined[i] = " ".join(texts[j] for j in around)
+            first, last, used = k, k, sizes[i]
+            for _ in range(context):
+                if first > 0 and used + sizes[members[first - 1]] <= room:
+                    first, used = first - 1, used + sizes[members[first - 1]]
+                if last + 1 < len(members) and used + sizes[members[last + 1]] <= room:
+                    last, used = last + 1, used + sizes[members[last + 1]]
+            joined[i] = " ".join(texts[j] for j in members[first : last + 1])
     return joined
+
+
+def fitted_windows(
+    tokenizer: Any, max_length: int, texts: Sequence[str], sources: Sequence[str], context: int
+) -> list[str]:
+    """:func:`windows` that fit ``max_length`` tokens with ``[CLS]`` and ``[SEP]``
+    (WordPiece splits at spaces, so a window's tokens are its sentences' tokens)."""
+    if context == 0:
+        return list(texts)
+    lengths = tokenize(tokenizer, list(texts), max_length).lengths - 2
+    return windows(texts, sources, context, lengths.tolist(), max_length - 2)
 
 
 def context_key(task: Any) -> ContextKey:
@@ -48,21 +76,25 @@ def context_key(task: Any) -> ContextKey:
 
 
 def source_values(
-    path: str, lines: Sequence[int], values: Sequence[str | None], column: str
+    path: str,
+    lines: Sequence[int],
+    values: Sequence[str | None],
+    column: str,
+    fix: str = 'or set source_column = "" to read the whole file as one text',
 ) -> list[str]:
     """The rows' source texts from ``column`` (``""`` everywhere when ``column`` is empty:
     the whole file is one text).
 
     Raises:
-      UserError: a row without a source, naming its line and the column.
+      UserError: a row without a source, naming its line, the column and ``fix``.
     """
     if not column:
         return [""] * len(lines)
     for line, value in zip(lines, values, strict=True):
         if value is None:
             raise UserError(
-                f"{where(path, line, column)}: no source text: a task reading its rows with "
-                f"their neighbours needs every row's '{column}' (fill it in, or set the "
-                "task's source_column to '' to read the whole file as one text)"
+                f"{where(path, line, column)}: no source text; rows are read with their "
+                f"neighbours from the same '{column}' (this one as a neighbour too), so "
+                f"every row needs one: fill it in, {fix}"
             )
     return [str(v) for v in values]

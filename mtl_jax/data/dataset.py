@@ -2,7 +2,8 @@
 
 Its one job is building the numpy-only dataset the batchers index into: each file read
 once and tokenised once, a label id (or ``-1``) per task per row, and the source (file)
-each row came from, which is the unit task mixing balances.
+each row came from, which is the unit task mixing balances. A task with ``context`` reads
+each row as its window of neighbours (:mod:`mtl_jax.data.context`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mtl_jax.config import Config, TaskConfig
-from mtl_jax.data.context import context_key, source_values, windows
+from mtl_jax.data.context import ContextKey, context_key, fitted_windows, source_values
 from mtl_jax.data.labels import encode_labels
 from mtl_jax.data.readers import Row, file_key, parse_label, read_rows
 from mtl_jax.encoder import Tokenized, tokenize
@@ -30,7 +31,8 @@ class Dataset:
     """Tokenised rows with a label (or ``-1``) per task; numpy only, built once per split.
 
     ``source[i]`` indexes ``source_names``: the file (or in-memory origin) row ``i`` came
-    from. Sources are the units that task mixing balances.
+    from; a file that tasks read with different ``context`` is one source per context.
+    Sources are the units that task mixing balances.
     """
 
     input_ids: list[np.ndarray]  # unpadded int32 ids, [CLS] ... [SEP]
@@ -84,9 +86,10 @@ def load_task_datasets(
 ) -> Dataset:
     """Read and tokenise every task's file for ``split`` into one :class:`Dataset`.
 
-    Each distinct file is read once and is one source. When a task has its own file, its
-    rows get ``-1`` for every other task; when several tasks name the same file, a row
-    carries all their labels. Labels must be resolved first (``config.with_labels(labels_from_files(config))``), so
+    Each distinct file is read once and is one source (one per context when its tasks read
+    different ones: :func:`context_parts`). When a task has its own file, its rows get
+    ``-1`` for every other task; when several tasks name the same file, a row carries all
+    their labels. Labels must be resolved first (``config.with_labels(labels_from_files(config))``), so
     the ids match the model's heads.
 
     Args:
@@ -115,7 +118,9 @@ def load_task_datasets(
     parts = []
     for path, text_column, tasks in _split_files(config, split):
         rows, block = _read_source(path, text_column, tasks, task_names, skip_empty)
-        parts += context_parts(rows, block, tasks, task_names, path)
+        parts += context_parts(
+            rows, block, tasks, task_names, path, tokenizer, config.model.max_length
+        )
     dataset = build_dataset(tokenizer, config.model.max_length, *_joined(parts), task_names)
     if dataset.truncated:
         log.info(
@@ -182,35 +187,45 @@ def context_parts(
     tasks: Sequence[TaskConfig],
     task_names: Sequence[str],
     path: str,
+    tokenizer: Any,
+    max_length: int,
 ) -> list[tuple[list[Row], np.ndarray, str]]:
     """A source's rows as each context its tasks read: ``(rows, label ids, source name)``.
 
-    Tasks reading each row alone see the rows as they are. A task with ``context`` sees
-    each row as its window (:func:`~mtl_jax.data.context.windows`, over all the source's
-    rows, labelled or not). When tasks sharing a source read different contexts, each
-    context is its own part, holding the rows that carry one of its tasks' labels.
+    Tasks reading each row alone see the rows as they are; a task with ``context`` sees
+    each row as its window (:func:`~mtl_jax.data.context.fitted_windows`, over all the
+    source's rows, labelled or not). When tasks sharing a file read different contexts,
+    each context is a source of its own holding the rows that carry its tasks' labels, so
+    a row labelled for both is seen once per context.
     """
-    groups: dict[tuple[int, str], list[int]] = {(0, ""): []} if not tasks else {}
+    groups: dict[ContextKey, list[int]] = {(0, ""): []} if not tasks else {}
     for task in tasks:
         groups.setdefault(context_key(task), []).append(task_names.index(task.name))
     parts = []
     for (context, column), ids in groups.items():
-        part_rows, part_block = list(rows), block
+        part_rows = _windowed(rows, context, column, path, tokenizer, max_length)
+        part_block = block
+        name = str(path) if not context else f"{path} (context {context} by '{column}')"
         if len(groups) > 1:
             part_block = np.full_like(block, -1)
             part_block[:, ids] = block[:, ids]
-        if context:
-            lines = [row.line for row in rows]
-            values = [row.labels.get(column) for row in rows] if column else []
-            sources = source_values(path, lines, values, column)
-            texts = windows([row.text for row in rows], sources, context)
-            part_rows = [row._replace(text=text) for row, text in zip(rows, texts, strict=True)]
-        if len(groups) > 1:
             keep = np.flatnonzero((part_block >= 0).any(axis=1))
             part_rows, part_block = [part_rows[i] for i in keep], part_block[keep]
-        name = f"{path} (context {context})" if context else str(path)
         parts.append((part_rows, part_block, name))
     return parts
+
+
+def _windowed(
+    rows: Sequence[Row], context: int, column: str, path: str, tokenizer: Any, max_length: int
+) -> list[Row]:
+    """The rows with each text replaced by its window (as they are for ``context == 0``)."""
+    if not context:
+        return list(rows)
+    lines = [row.line for row in rows]
+    sources = source_values(path, lines, [row.labels.get(column) for row in rows], column)
+    texts = [row.text for row in rows]
+    texts = fitted_windows(tokenizer, max_length, texts, sources, context)
+    return [row._replace(text=text) for row, text in zip(rows, texts, strict=True)]
 
 
 def _joined(parts: Sequence[tuple[list[Row], np.ndarray, str]]) -> tuple:
@@ -252,5 +267,7 @@ def dataset_from_rows(
     block = np.full((len(parsed), len(config.tasks)), -1, np.int32)
     for k, task in enumerate(config.tasks):
         block[:, k] = encode_labels(parsed, task.labels, source, task.label_key)
-    parts = context_parts(parsed, block, config.tasks, config.task_names, source)
+    parts = context_parts(
+        parsed, block, config.tasks, config.task_names, source, tokenizer, config.model.max_length
+    )
     return build_dataset(tokenizer, config.model.max_length, *_joined(parts), config.task_names)

@@ -27,6 +27,15 @@ _DELIMITERS = {".tsv": "\t", ".csv": ","}
 _DELIMITER_NAMES = {"\t": "tabs", ",": "commas", ";": "semicolons", "|": "pipes"}
 
 
+class MissingColumnError(UserError):
+    """A wanted column (or JSON key) the file does not have; ``column`` names it, so a
+    caller that knows why the column is wanted can say so."""
+
+    def __init__(self, message: str, column: str) -> None:
+        super().__init__(message)
+        self.column = column
+
+
 class Row(NamedTuple):
     """One input row: the line it starts on, its text, and raw label names by column."""
 
@@ -157,10 +166,11 @@ def _parse_delimited(
         hint = _delimiter_hint(header, delimiter, path.suffix)
         if hint:
             raise UserError(f"{where(path, 1)}: {hint}")
-        raise UserError(
+        raise MissingColumnError(
             f"{where(path, 1, missing[0])}: no column '{missing[0]}' in the header; the "
             f"columns are {', '.join(repr(h) for h in header)}. Set the task's text_column / "
-            "label_column / source_column to one of these, or fix the header"
+            "label_column / source_column to one of these, or fix the header",
+            missing[0],
         )
     for name in wanted:
         if header.count(name) > 1:
@@ -272,9 +282,10 @@ def _parse_jsonl(
         rows.append(Row(number, text, labels))
     for column, found in seen.items():
         if not found:
-            raise UserError(
+            raise MissingColumnError(
                 f"{where(path, None, column)}: no object has the key '{column}'; set the "
-                "task's label_column (source_column) to the key that holds its labels (sources)"
+                "task's label_column / source_column to the key that holds it, or add it",
+                column,
             )
     return rows
 
