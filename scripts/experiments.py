@@ -41,6 +41,9 @@ NO_EMA = "train.ema_decay=0.0"  # rows measured before the preset kept an EMA (r
 # Round 11 gave the preset 9 finer length buckets (the same batches, less padding); the rows
 # measured before it keep the 4 they trained with.
 ROUND10_BUCKETS = "data.length_buckets=[16, 32, 64, 128]"
+# Round 12 gave the preset's genre its neighbouring sentences; the rows measured before it
+# read each sentence alone.
+ROUND11_SENTENCES = ("tasks.genre.context=0", 'tasks.genre.source_column=""')
 # The `real` preset as it was before round 3 (SST-2 sentences, backbone lr 2e-5, 3 epochs,
 # remat on): every study row starts from it, so each row's command still trains what it
 # trained when its numbers were measured, whatever the preset becomes.
@@ -55,12 +58,14 @@ ROUND1_PRESET = (
     "train.checkpoint_every=500",
     NO_EMA,
     ROUND10_BUCKETS,
+    *ROUND11_SENTENCES,
 )
 
 
 def preset_round10(*sets: str, tasks: str = "") -> list[str]:
-    """``--preset real`` with the length buckets of rounds 1-10, and ``--set`` overrides."""
-    return preset(ROUND10_BUCKETS, *sets, tasks=tasks)
+    """``--preset real`` with the length buckets and sentences of rounds 1-10, and ``--set``
+    overrides."""
+    return preset(ROUND10_BUCKETS, *ROUND11_SENTENCES, *sets, tasks=tasks)
 
 
 def real(*sets: str, tasks: str = "") -> list[str]:
@@ -209,13 +214,15 @@ ROWS = {
     # Round 11: the preset's batches padded to finer lengths (9 buckets, not 4): the same
     # batches of the same rows in the same order, with 22 % of the padded tokens padding
     # instead of 42 % (only BERT's dropout masks differ, being drawn per padded shape).
-    "real-fine-buckets": preset("data.length_buckets=[8, 12, 16, 24, 32, 48, 64, 96, 128]"),
+    "real-fine-buckets": preset(
+        *ROUND11_SENTENCES, "data.length_buckets=[8, 12, 16, 24, 32, 48, 64, 96, 128]"
+    ),
     # Genre read with its neighbouring sentences: the sentence is still the unit scored, and
     # its window comes from its own (unlabelled) source text. Genre alone over three seeds,
     # then jointly for one epoch against `best-balanced`.
     **genre2_seeds("genre2-context1", *GENRE_CONTEXT1),
     "best-balanced-context1": real(*BEST, BALANCED, *GENRE_CONTEXT1),
-    # Next (defined, not run in round 11): the windows over the preset's 4 epochs.
+    # Round 12: the windows over the preset's 4 epochs (the preset since: `real`'s command).
     "real-context1": preset(*GENRE_CONTEXT1),
 }
 

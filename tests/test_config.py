@@ -299,9 +299,14 @@ def test_real_preset_trains_sentiment_on_the_phrases_and_balances_genre(
     """The recipe's data wiring on a miniature copy of ../shared/data: sentiment trains on
     sst2_phrases/ and is scored on the sst2/ sentences; genre gets n / (K * n_c) weights."""
     counts = {"adventure": 6, "humor": 2, "mystery": 4, "romance": 4, "science_fiction": 4}
-    genre_rows = [(f"{label} text", label) for label, n in counts.items() for _ in range(n)]
-    _write_tsv(tmp_path / "brown_genre/train.tsv", ("text", "genre"), genre_rows)
-    _write_tsv(tmp_path / "brown_genre/dev.tsv", ("text", "genre"), [("d", "humor")])
+    genre_rows = [
+        (f"{label} {i}.", label, f"c{label}") for label, n in counts.items() for i in range(n)
+    ]
+    columns = ("text", "genre", "source_id")
+    _write_tsv(tmp_path / "brown_genre/train.tsv", columns, genre_rows)
+    _write_tsv(
+        tmp_path / "brown_genre/dev.tsv", columns, [("d.", "humor", "x"), ("e.", "humor", "x")]
+    )
     phrases = [("good", "positive"), ("bad", "negative"), ("fine", "positive")]
     _write_tsv(tmp_path / "sst2_phrases/train.tsv", ("text", "sentiment"), phrases)
     _write_tsv(tmp_path / "sst2/dev.tsv", ("text", "sentiment"), [("ok", "positive")] * 2)
@@ -312,7 +317,14 @@ def test_real_preset_trains_sentiment_on_the_phrases_and_balances_genre(
     dev = load_task_datasets(config, tiny_backbone.tokenizer, "dev")
     config = resolve_class_weights(config, train)
 
-    assert len(train) == 20 + 3 and len(dev) == 1 + 2
+    assert len(train) == 20 + 3 and len(dev) == 2 + 2
+    # Genre reads each sentence with its neighbours from the same text; sentiment alone.
+    assert train.texts[:3] == (
+        "adventure 0. adventure 1.",
+        "adventure 0. adventure 1. adventure 2.",
+        "adventure 1. adventure 2. adventure 3.",
+    )
+    assert dev.texts == ("d. e.", "d. e.", "ok", "ok")
     balanced = [20 / (5 * counts[label]) for label in config.task("genre").labels]
     assert config.task("genre").class_weights == pytest.approx(balanced)
     assert config.task("sentiment").class_weights == ()  # phrases: no weighting
@@ -353,10 +365,19 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         return resolve_train_config(args)
 
     configs = {name: config_of(name) for name in experiments.ROWS}
-    assert configs["real"] == real("data")
+    assert configs["real"] == configs["real-context1"] == real("data")
+    genre = real("data").task("genre")
+    assert (genre.context, genre.source_column) == (1, "source_id")
+    sentences = dataclasses.replace(
+        real("data"),
+        tasks=(
+            dataclasses.replace(genre, context=0, source_column=""),
+            real("data").task("sentiment"),
+        ),
+    )
     round10 = configs["real-round10"]
     assert round10 == dataclasses.replace(
-        real("data"), data=dataclasses.replace(real("data").data, length_buckets=(16, 32, 64, 128))
+        sentences, data=dataclasses.replace(real("data").data, length_buckets=(16, 32, 64, 128))
     )
     assert configs["real-layer-1"] == dataclasses.replace(
         round10, model=dataclasses.replace(round10.model, layer=-1)
@@ -389,9 +410,5 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert configs["genre2-context1-seed2"].task("genre") == dataclasses.replace(
         configs["genre2-seed2"].task("genre"), context=1, source_column="source_id"
     )
-    assert configs["real-fine-buckets"] == real("data")
-    assert configs["real-context1"].tasks == (
-        dataclasses.replace(real("data").task("genre"), context=1, source_column="source_id"),
-        real("data").task("sentiment"),
-    )
+    assert configs["real-fine-buckets"] == sentences
     assert real("data").data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)
