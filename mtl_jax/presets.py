@@ -55,7 +55,8 @@ def real(data_dir: str | Path | None = None) -> Config:
     tokens from 42 % to 22 % and the run from about 75 to 58 minutes on a 2-core CPU (the
     same batches; five more compiles). Genre reads each sentence with the one before and
     the one after it from the same Brown text (``context = 1`` by ``source_id``, round 12):
-    one sentence often carries no genre, its passage does.
+    one sentence often carries no genre, its passage does; the run then takes about 78
+    minutes on that CPU.
     """
     directory = Path(data_dir or os.environ.get(DATA_DIR_ENV) or "../shared/data")
     genre, sentiment = data_folder_tasks(directory, sentiment_train="sst2_phrases")
