@@ -53,9 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="the .tsv to write")
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="genre")
+    parser.add_argument(
+        "--keep-column",
+        action="append",
+        default=[],
+        help="also copy this column (e.g. source_id, which a task's context reads by)",
+    )
     args = parser.parse_args(argv)
+    columns = list(dict.fromkeys([args.label_column, *args.keep_column]))
     try:
-        rows = read_rows(args.source, args.text_column, [args.label_column])
+        rows = read_rows(args.source, args.text_column, columns)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -65,11 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     changed = 0
     with out.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow([args.text_column, args.label_column])
+        writer.writerow([args.text_column, *columns])
         for row in rows:
             text = mask_names(row.text, names)
             changed += text != row.text
-            writer.writerow([text, row.labels[args.label_column] or ""])
+            writer.writerow([text, *(row.labels[c] or "" for c in columns)])
     print(f"{out}: {len(names)} names masked in {changed} of {len(rows)} rows")
     return 0
 

@@ -45,6 +45,10 @@ def test_writes_the_masked_file_the_trainer_reads(script, tmp_path, capsys):
     ]
     assert [r.labels["genre"] for r in rows] == ["mystery", "romance", "humor"]
     assert "2 names masked in 2 of 3 rows" in capsys.readouterr().out
+    # The source column kept, a task can read the masked rows with their neighbours.
+    assert script.main([str(source), str(out), "--keep-column", "source_id"]) == 0
+    rows = read_rows(out, "text", ["genre", "source_id"])
+    assert [r.labels["source_id"] for r in rows] == ["cl01", "cp02", "cr03"]
 
 
 def test_a_bad_source_exits_2_with_one_line(script, tmp_path, capsys):
