@@ -224,6 +224,10 @@ ROWS = {
     "best-balanced-context1": real(*BEST, BALANCED, *GENRE_CONTEXT1),
     # Round 12: the windows over the preset's 4 epochs (the preset since: `real`'s command).
     "real-context1": preset(*GENRE_CONTEXT1),
+    # ... and two neighbours per side, genre alone (about 1.6 times genre's tokens again).
+    **genre2_seeds(
+        "genre2-context2", "tasks.genre.context=2", 'tasks.genre.source_column="source_id"'
+    ),
 }
 
 

@@ -411,4 +411,7 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         configs["genre2-seed2"].task("genre"), context=1, source_column="source_id"
     )
     assert configs["real-fine-buckets"] == sentences
+    assert configs["genre2-context2-seed1"].task("genre") == dataclasses.replace(
+        configs["genre2-seed1"].task("genre"), context=2, source_column="source_id"
+    )
     assert real("data").data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)
