@@ -294,10 +294,10 @@ def _read_passages(
     (``tasks.<name>.context``). A ``.txt`` file or stdin is one passage (said on stderr);
     a table must have the column, so that no window joins sentences of different texts."""
     from mtl_jax.data import read_rows
-    from mtl_jax.data.context import source_values
+    from mtl_jax.data.context import source_columns, source_values
     from mtl_jax.data.readers import MissingColumnError
 
-    readers = {t.source_column: t.name for t in config.tasks if t.context and t.source_column}
+    readers = source_columns(config.tasks)
     if not readers:
         return _read_texts(path, text_column, skip_empty), {}
     if path == "-" or Path(path).suffix.lower() == ".txt":

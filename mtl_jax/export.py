@@ -31,6 +31,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mtl_jax.checkpoint import check_which
+from mtl_jax.data.context import context_key
 from mtl_jax.encoder import EXPORT_INFO_FILE, load_backbone, truncated_bert_config
 from mtl_jax.errors import UserError
 from mtl_jax.inference import Trained, load_trained
@@ -192,8 +193,8 @@ def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
             "layers": layers,
             # >0: the head was trained on each sentence joined (by a space) with this many
             # sentences before and after it from the same source_column text
-            "context": int(task.context),
-            "source_column": task.source_column if task.context else "",
+            "context": context_key(task)[0],
+            "source_column": context_key(task)[1],
         }
     return {
         "input": "the sentence embedding (SentenceTransformer(DIR).encode(texts)); of each "

@@ -42,7 +42,7 @@ def windows(
     if context == 0:
         return list(texts)
     sizes = [0] * len(texts) if lengths is None else list(lengths)
-    room = sum(sizes) if budget is None else budget
+    room = float("inf") if budget is None else budget
     by_source: dict[str, list[int]] = {}
     for i, source in enumerate(sources):
         by_source.setdefault(source, []).append(i)
@@ -73,6 +73,12 @@ def fitted_windows(
 def context_key(task: Any) -> ContextKey:
     """What a task reads besides its row; tasks with equal keys read the same texts."""
     return (task.context, task.source_column) if task.context else (0, "")
+
+
+def source_columns(tasks: Sequence[Any]) -> dict[str, str]:
+    """``{source column: a task reading by it}`` over the tasks with ``context``: the
+    columns a file must have beside the text and labels."""
+    return {column: t.name for t in tasks if (column := context_key(t)[1])}
 
 
 def source_values(

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from mtl_jax.config import Config, TaskConfig
-from mtl_jax.data.context import ContextKey, context_key, fitted_windows, source_values
+from mtl_jax.data.context import (
+    ContextKey,
+    context_key,
+    fitted_windows,
+    source_columns,
+    source_values,
+)
 from mtl_jax.data.labels import encode_labels
 from mtl_jax.data.readers import Row, file_key, parse_label, read_rows
 from mtl_jax.encoder import Tokenized, tokenize
@@ -164,8 +170,8 @@ def _read_source(
     """One file's rows and their label ids ``int32 [rows, n_tasks]`` (``-1``: other tasks);
     a source column that a task reads its neighbours by is read as a label column."""
     columns = list(dict.fromkeys(t.label_key for t in tasks))
-    wanted = list(dict.fromkeys([*columns, *(t.source_column for t in tasks if t.context)]))
-    rows = read_rows(path, text_column, [c for c in wanted if c], skip_empty=skip_empty)
+    wanted = list(dict.fromkeys([*columns, *source_columns(tasks)]))
+    rows = read_rows(path, text_column, wanted, skip_empty=skip_empty)
     block = np.full((len(rows), len(task_names)), -1, np.int32)
     for task in tasks:
         block[:, task_names.index(task.name)] = encode_labels(
@@ -255,8 +261,7 @@ def dataset_from_rows(
             f"tasks {unresolved} have no labels; set them or resolve them from the train files first"
         )
     text_column = config.tasks[0].text_column if config.tasks else "text"
-    columns = list(dict.fromkeys([t.label_key for t in config.tasks]))
-    columns += [t.source_column for t in config.tasks if t.context and t.source_column]
+    columns = [t.label_key for t in config.tasks] + list(source_columns(config.tasks))
     parsed = []
     for i, row in enumerate(rows, start=1):
         text = row.get(text_column)
