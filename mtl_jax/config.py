@@ -110,6 +110,7 @@ class TaskConfig:
     loss_weight: float = 1.0
     class_weighting: str = "none"  # none | balanced: n / (K * n_c) from the training labels
     class_weights: tuple[float, ...] = ()  # per label, in label order; empty: all 1
+    label_smoothing: float = 0.0  # train on targets with this share spread over all labels
     hidden: tuple[int, ...] = (128,)  # widths of the head's hidden blocks
     dropout: float = 0.0  # dropout after each hidden block of the head
 
@@ -149,6 +150,7 @@ class TaskConfig:
                     f"one weight per label ({len(labels)}: {list(labels)})",
                 ),
                 ("dropout", 0 <= self.dropout < 1, "a number in [0, 1)"),
+                ("label_smoothing", 0 <= self.label_smoothing < 1, "a number in [0, 1)"),
                 ("hidden", all(h > 0 for h in self.hidden), "positive widths"),
                 ("labels", len(set(labels)) == len(labels), "distinct names"),
                 ("labels", len(labels) != 1, "at least two labels (or none, to infer them)"),

@@ -15,7 +15,10 @@ import optax
 
 
 def masked_cross_entropy(
-    logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None
+    logits: jax.Array,
+    labels: jax.Array,
+    class_weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Mean softmax cross-entropy over the rows whose label is not ``-1``.
 
@@ -25,6 +28,9 @@ def masked_cross_entropy(
         class_weights: optional ``[num_labels]``; each row counts with its label's weight,
             and the mean divides by the summed weights (``torch``'s ``CrossEntropyLoss(
             weight=...)``), so the loss scale does not depend on the batch's class mix.
+        label_smoothing: ``eps`` in ``[0, 1)``: the target puts ``1 - eps`` on the label and
+            spreads ``eps`` evenly over all classes (``torch``'s ``label_smoothing``), so a
+            confident logit stops paying off before it saturates.
 
     Returns:
         ``(loss, n_labelled)``: the float32 (weighted) mean over labelled rows (``0`` when
@@ -33,7 +39,12 @@ def masked_cross_entropy(
     """
     mask = labels >= 0
     safe_labels = jnp.where(mask, labels, 0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+    logits = logits.astype(jnp.float32)
+    if label_smoothing:
+        targets = jax.nn.one_hot(safe_labels, logits.shape[-1], dtype=jnp.float32)
+        ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
     n = mask.sum().astype(jnp.int32)
     if class_weights is None:
         total = jnp.where(mask, ce, 0.0).sum()
@@ -49,6 +60,7 @@ def multitask_loss(
     weights: Mapping[str, float],
     log_vars: Mapping[str, jax.Array] | None = None,
     class_weights: Mapping[str, jax.Array] | None = None,
+    label_smoothing: Mapping[str, float] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the per-task losses, optionally with learned uncertainty weights.
 
@@ -70,6 +82,8 @@ def multitask_loss(
         log_vars: ``{task: s_t}`` scalars (``params["log_vars"]``), or None for fixed weights.
         class_weights: ``{task: [num_labels]}`` for the tasks whose rows are weighted by
             class (see :func:`masked_cross_entropy`); other tasks weigh rows equally.
+        label_smoothing: ``{task: eps}`` for the tasks trained on smoothed targets (see
+            :func:`masked_cross_entropy`); other tasks on their one-hot labels.
 
     Returns:
         ``(total, {task: CE_t})`` with ``CE_t`` the unweighted masked mean cross-entropy.
@@ -77,7 +91,12 @@ def multitask_loss(
     total = jnp.zeros([], jnp.float32)
     per_task = {}
     for task, task_logits in logits.items():
-        ce, n = masked_cross_entropy(task_logits, labels[task], (class_weights or {}).get(task))
+        ce, n = masked_cross_entropy(
+            task_logits,
+            labels[task],
+            (class_weights or {}).get(task),
+            (label_smoothing or {}).get(task, 0.0),
+        )
         per_task[task] = ce
         if log_vars is None:
             term = ce

@@ -86,12 +86,18 @@ def build_train_step(
     class_weights = {
         t.name: jnp.asarray(t.class_weights, jnp.float32) for t in config.tasks if t.class_weights
     }
+    label_smoothing = {t.name: t.label_smoothing for t in config.tasks if t.label_smoothing}
     skip_nonfinite = config.train.skip_nonfinite
 
     def loss_fn(params, batch, key):
         logits, _ = forward(params, batch, True, {"dropout": key})
         total, per_task = multitask_loss(
-            logits, batch["labels"], weights, params.get("log_vars"), class_weights
+            logits,
+            batch["labels"],
+            weights,
+            params.get("log_vars"),
+            class_weights,
+            label_smoothing,
         )
         return total, (logits, per_task)
 

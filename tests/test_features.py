@@ -233,3 +233,32 @@ def test_class_weights_reach_the_train_step(config, tiny_model, tiny_params):
     chex.assert_trees_all_close(w_state.params["heads"], m_state.params["heads"], atol=1e-6)
     # The counts still count every labelled row: weights change the loss, not the metrics.
     assert int(w_genre["count"]) == 16 and int(m_genre["count"]) < 16
+
+
+def test_label_smoothing_reaches_the_train_step(config, tiny_model, tiny_params):
+    """The step's sentiment loss is affine in its smoothing (the same logits: one key, one
+    start), and genre's, unsmoothed, does not move."""
+    rng = np.random.default_rng(6)
+    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
+    batch = {"embedding": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32), "labels": labels}
+
+    def task_losses(eps):
+        cfg = dataclasses.replace(
+            config,
+            tasks=tuple(
+                dataclasses.replace(t, label_smoothing=eps) if t.name == "sentiment" else t
+                for t in config.tasks
+            ),
+        )
+        params = init_train_params(tiny_params, cfg)
+        optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
+        step = jax.jit(build_train_step(features.cached_forward(tiny_model, cfg), optimizer, cfg))
+        _, metrics = step(create_train_state(params, optimizer), batch, jax.random.key(1))
+        return {t: float(m["loss"]) for t, m in metrics["tasks"].items()}
+
+    none, some, more = task_losses(0.0), task_losses(0.3), task_losses(0.6)
+    assert some["sentiment"] != none["sentiment"]
+    np.testing.assert_allclose(
+        more["sentiment"] - some["sentiment"], some["sentiment"] - none["sentiment"], rtol=1e-4
+    )
+    assert none["genre"] == some["genre"] == more["genre"]

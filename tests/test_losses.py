@@ -60,6 +60,31 @@ def test_class_weighted_cross_entropy_matches_hand_computation(seed):
     assert np.all(np.asarray(grad) == 0)
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothing_is_torchs_mix_of_the_label_and_the_uniform_target(eps):
+    # torch: (1 - eps) * CE(label) + eps * mean_k CE(k), each row counting with its weight.
+    logits, labels = random_case(4)
+    weights = np.array([0.5, 2.0, 1.0, 3.0, 0.25], np.float32)
+    rows = labels >= 0
+    z = logits[rows].astype(np.float64)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    ce = -(1 - eps) * log_probs[np.arange(rows.sum()), labels[rows]] - eps * log_probs.mean(1)
+    plain, _ = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), None, eps)
+    np.testing.assert_allclose(float(plain), ce.mean(), rtol=1e-5)
+    weighted, _ = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), weights, eps)
+    w = weights[labels[rows]]
+    np.testing.assert_allclose(float(weighted), (w * ce).sum() / w.sum(), rtol=1e-5)
+    # Smoothing keeps a finite optimum: the gradient vanishes at logit gaps of
+    # log((1 - eps + eps / K) / (eps / K)), not at infinity.
+    k = logits.shape[1]
+    gap = np.log((1 - eps + eps / k) / (eps / k))
+    at_optimum = jnp.asarray(np.eye(k, dtype=np.float32)[labels[rows]] * gap)
+    grad = jax.grad(lambda x: masked_cross_entropy(x, jnp.asarray(labels[rows]), None, eps)[0])(
+        at_optimum
+    )
+    np.testing.assert_allclose(np.asarray(grad), 0.0, atol=1e-6)
+
+
 def test_missing_rows_do_not_change_the_loss():
     logits, labels = random_case(3)
     garbage = logits.copy()
@@ -119,6 +144,16 @@ def test_task_without_labels_leaves_its_log_var_alone():
     assert float(per_task["b"]) == 0.0
     grad = jax.grad(lambda lv: multitask_loss(logits, labels, {"a": 1.0, "b": 1.0}, lv)[0])(s)
     assert float(grad["b"]) == 0.0
+
+
+def test_multitask_loss_smooths_only_the_tasks_that_ask():
+    logits = {t: jnp.asarray(random_case(i)[0]) for i, t in enumerate("ab")}
+    labels = {t: jnp.asarray(random_case(i)[1]) for i, t in enumerate("ab")}
+    _, plain = multitask_loss(logits, labels, {"a": 1.0, "b": 1.0})
+    _, smoothed = multitask_loss(logits, labels, {"a": 1.0, "b": 1.0}, None, None, {"a": 0.2})
+    a, _ = masked_cross_entropy(logits["a"], labels["a"], None, 0.2)
+    assert float(smoothed["a"]) == float(a) != float(plain["a"])
+    assert float(smoothed["b"]) == float(plain["b"])
 
 
 def test_multitask_loss_jits():

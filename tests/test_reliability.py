@@ -255,6 +255,11 @@ CONFIG_CASES = {
         ["train.batch_size=-4"],
         ["config key 'train.batch_size': expected an integer > 0, got -4"],
     ),
+    "label smoothing of 1": (
+        None,
+        ["tasks.sentiment.label_smoothing=1.0"],
+        ["config key 'tasks.sentiment.label_smoothing': expected a number in [0, 1), got 1.0"],
+    ),
     "unknown freeze strategy": (
         None,
         ['train.freeze="sideways"'],
