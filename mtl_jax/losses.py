@@ -105,3 +105,17 @@ def multitask_loss(
             term = jnp.where(n > 0, jnp.exp(-s) * ce + 0.5 * s, 0.0)
         total = total + weights[task] * term
     return total, per_task
+
+
+def symmetric_kl(logits_a: jax.Array, logits_b: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over the labelled rows of ``(KL(p_a || p_b) + KL(p_b || p_a)) / 2``.
+
+    R-Drop's consistency term (Liang et al. 2021) between two dropout passes over the same
+    rows; rows whose ``labels`` are ``-1`` do not count, as in :func:`masked_cross_entropy`.
+    Both directions summed are ``sum_k (p_a - p_b)(log p_a - log p_b)``.
+    """
+    log_a = jax.nn.log_softmax(logits_a.astype(jnp.float32))
+    log_b = jax.nn.log_softmax(logits_b.astype(jnp.float32))
+    kl = 0.5 * ((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b)).sum(-1)
+    mask = labels >= 0
+    return jnp.where(mask, kl, 0.0).sum() / jnp.maximum(mask.sum(), 1).astype(jnp.float32)

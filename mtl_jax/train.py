@@ -32,7 +32,7 @@ from mtl_jax.forward import (
     model_forward,
 )
 from mtl_jax.freezing import backbone_trainable, find_gate_state
-from mtl_jax.losses import multitask_loss
+from mtl_jax.losses import multitask_loss, symmetric_kl
 from mtl_jax.metrics import eval_counts
 
 Metrics = dict[str, Any]  # {"loss", "grad_norm", ..., "tasks": {task: {"loss", ...}}}
@@ -88,8 +88,12 @@ def build_train_step(
     }
     label_smoothing = {t.name: t.label_smoothing for t in config.tasks if t.label_smoothing}
     skip_nonfinite = config.train.skip_nonfinite
+    rdrop_alpha = config.train.rdrop_alpha
 
     def loss_fn(params, batch, key):
+        rows = len(next(iter(batch["labels"].values())))
+        if rdrop_alpha:  # the batch twice in one forward: each copy draws its own dropout
+            batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), dict(batch))
         logits, _ = forward(params, batch, True, {"dropout": key})
         total, per_task = multitask_loss(
             logits,
@@ -99,6 +103,11 @@ def build_train_step(
             class_weights,
             label_smoothing,
         )
+        if rdrop_alpha:  # R-Drop's objective over 2 (its alpha as published)
+            for task, both in logits.items():
+                kl = symmetric_kl(both[:rows], both[rows:], batch["labels"][task][:rows])
+                total = total + 0.5 * rdrop_alpha * weights[task] * kl
+            logits = {task: both[:rows] for task, both in logits.items()}
         return total, (logits, per_task)
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
@@ -175,7 +184,11 @@ def make_train_step(
     (loss, gradient and update all finite), ``skipped`` (1 when ``train.skip_nonfinite``
     threw this step away: params and optimiser state unchanged, step counter advanced),
     and ``tasks[task]`` with ``loss``, ``correct``, ``count`` (labelled rows) and, with
-    uncertainty weighting, ``log_var``. Without ``skip_nonfinite`` a non-finite step is
+    uncertainty weighting, ``log_var``. With ``train.rdrop_alpha`` (R-Drop, Liang et al.
+    2021) the step runs each row twice with independent dropout; a task's ``loss`` is its
+    mean over both passes, the total adds ``alpha / 2`` times their symmetric KL (the
+    published objective, halved), and ``correct`` reads the first pass. Without
+    ``skip_nonfinite`` a non-finite step is
     applied and only flagged: the fit loop raises on ``finite == False``.
 
     Batch keys other than the forward's inputs, ``labels`` and ``valid`` are dropped

@@ -14,7 +14,7 @@ from mtl_jax import data as data_lib
 from mtl_jax import features, freezing
 from mtl_jax.config import TrainConfig
 from mtl_jax.errors import UserError
-from mtl_jax.model import MultiTaskModel
+from mtl_jax.model import MultiTaskModel, build_model
 from mtl_jax.synthetic import make_rows
 from mtl_jax.train import (
     build_train_step,
@@ -262,3 +262,40 @@ def test_label_smoothing_reaches_the_train_step(config, tiny_model, tiny_params)
         more["sentiment"] - some["sentiment"], some["sentiment"] - none["sentiment"], rtol=1e-4
     )
     assert none["genre"] == some["genre"] == more["genre"]
+
+
+def test_rdrop_pulls_two_dropout_passes_of_each_row_together(config, tiny_backbone, tiny_params):
+    """R-Drop: the step's total is both passes' mean loss plus alpha / 2 times their
+    symmetric KL, so it is affine in alpha, with a slope > 0 where a head draws dropout
+    (genre's); without dropout the two passes are the same rows and the step is the plain
+    one."""
+    rng = np.random.default_rng(7)
+    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
+    labels["sentiment"][:5] = -1
+    batch = {"embedding": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32), "labels": labels}
+
+    def one_step(alpha, head_dropout=None):
+        cfg = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, rdrop_alpha=alpha)
+        )
+        if head_dropout is not None:
+            tasks = tuple(dataclasses.replace(t, dropout=head_dropout) for t in cfg.tasks)
+            cfg = dataclasses.replace(cfg, tasks=tasks)
+        params = init_train_params(tiny_params, cfg)
+        optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
+        forward = features.cached_forward(build_model(cfg, tiny_backbone), cfg)
+        step = jax.jit(build_train_step(forward, optimizer, cfg))
+        return step(create_train_state(params, optimizer), batch, jax.random.key(2))
+
+    totals = {a: float(one_step(a)[1]["loss"]) for a in (1.0, 2.0, 3.0)}
+    slope = totals[2.0] - totals[1.0]
+    assert slope > 1e-4
+    np.testing.assert_allclose(totals[3.0] - totals[2.0], slope, rtol=1e-3)
+    _, metrics = one_step(1.0)
+    assert int(metrics["tasks"]["sentiment"]["count"]) == 11  # the first pass's rows, once
+
+    plain_state, plain = one_step(0.0, head_dropout=0.0)
+    twin_state, twin = one_step(1.0, head_dropout=0.0)
+    np.testing.assert_allclose(float(twin["loss"]), float(plain["loss"]), rtol=1e-6)
+    # Adam divides by the gradient's scale: a summation order apart, a few ulps of lr.
+    chex.assert_trees_all_close(twin_state.params, plain_state.params, atol=1e-5)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtl_jax.losses import masked_cross_entropy, multitask_loss
+from mtl_jax.losses import masked_cross_entropy, multitask_loss, symmetric_kl
 
 
 def numpy_ce(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -160,3 +160,18 @@ def test_multitask_loss_jits():
     logits, labels, ce = two_tasks()
     total, _ = jax.jit(lambda x, y: multitask_loss(x, y, {"a": 1.0, "b": 1.0}))(logits, labels)
     np.testing.assert_allclose(float(total), ce["a"] + ce["b"], rtol=1e-5)
+
+
+def test_symmetric_kl_is_both_directions_halved_over_labelled_rows():
+    a, labels = random_case(5)
+    b, _ = random_case(6)
+    rows = labels >= 0
+    la = a[rows] - np.log(np.exp(a[rows]).sum(1, keepdims=True))
+    lb = b[rows] - np.log(np.exp(b[rows]).sum(1, keepdims=True))
+    kl_ab = (np.exp(la) * (la - lb)).sum(1)
+    kl_ba = (np.exp(lb) * (lb - la)).sum(1)
+    got = float(symmetric_kl(jnp.asarray(a), jnp.asarray(b), jnp.asarray(labels)))
+    np.testing.assert_allclose(got, ((kl_ab + kl_ba) / 2).mean(), rtol=1e-5)
+    assert float(symmetric_kl(jnp.asarray(a), jnp.asarray(a), jnp.asarray(labels))) == 0.0
+    none = jnp.full(labels.shape, -1)
+    assert float(symmetric_kl(jnp.asarray(a), jnp.asarray(b), none)) == 0.0

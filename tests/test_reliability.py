@@ -260,6 +260,11 @@ CONFIG_CASES = {
         ["tasks.sentiment.label_smoothing=1.0"],
         ["config key 'tasks.sentiment.label_smoothing': expected a number in [0, 1), got 1.0"],
     ),
+    "negative R-Drop weight": (
+        None,
+        ["train.rdrop_alpha=-1"],
+        ["config key 'train.rdrop_alpha': expected a number >= 0 (0 = off), got -1"],
+    ),
     "unknown freeze strategy": (
         None,
         ['train.freeze="sideways"'],
