@@ -141,6 +141,13 @@ def test_bad_context_input_names_the_line_column_and_fix(tmp_path, tiny_backbone
         load_task_datasets(
             context_config(empty, sentiment, context=1, source_column="source_id"), tok
         )
+    floats = write(
+        tmp_path / "floats.jsonl", '{"text": "He ran.", "genre": "adventure", "doc": 1.5}\n'
+    )
+    with pytest.raises(
+        UserError, match=r"floats.jsonl:1 \(column 'doc'\): a label or source id .* got 1.5"
+    ):
+        load_task_datasets(context_config(floats, sentiment, context=1, source_column="doc"), tok)
     with pytest.raises(UserError, match=r"'tasks.genre.context'.*>= 0"):
         context_config(missing, sentiment, context=-1).validate()
     with pytest.raises(UserError, match=r"'tasks.genre.source_column'.*context > 0"):

@@ -299,8 +299,8 @@ def parse_label(path: Path, line: int, column: str, value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise UserError(
-        f"{where(path, line, column)}: a label must be a name (string) or an integer, got "
-        f"{json.dumps(value)[:60]}"
+        f"{where(path, line, column)}: a label or source id must be a name (string) or an "
+        f"integer, got {json.dumps(value)[:60]}; write it as one"
     )
 
 
