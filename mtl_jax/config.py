@@ -327,8 +327,20 @@ class Config:
             task.validate()
         head = self.train.freeze_spec.head
         _check(head in (None, *names), "train.freeze", f"head:<one of {names}>", self.train.freeze)
+        self._check_rdrop()
         self._check_task_files()
         return self
+
+    def _check_rdrop(self) -> None:
+        """R-Drop without any dropout would pay for two identical passes."""
+        random = self.model.backbone_dropout or self.train.token_cutoff > 0
+        if self.train.rdrop_alpha and not (random or any(t.dropout > 0 for t in self.tasks)):
+            raise UserError(
+                f"config key 'train.rdrop_alpha' = {_literal(self.train.rdrop_alpha)} would "
+                "only double each step: R-Drop keeps two dropout passes consistent and this "
+                "config draws no dropout; set model.backbone_dropout = true, a task's "
+                "dropout > 0 or train.token_cutoff > 0, or train.rdrop_alpha back to 0.0"
+            )
 
     def _check_task_files(self) -> None:
         """Synthetic training data reads no task file: a file given anyway is refused."""

@@ -29,8 +29,9 @@ def masked_cross_entropy(
             and the mean divides by the summed weights (``torch``'s ``CrossEntropyLoss(
             weight=...)``), so the loss scale does not depend on the batch's class mix.
         label_smoothing: ``eps`` in ``[0, 1)``: the target puts ``1 - eps`` on the label and
-            spreads ``eps`` evenly over all classes (``torch``'s ``label_smoothing``), so a
-            confident logit stops paying off before it saturates.
+            spreads ``eps`` evenly over all classes, so a confident logit stops paying off
+            before it saturates; with class weights each class's share of ``eps`` counts
+            with its own weight (``torch``'s ``label_smoothing`` and ``weight`` together).
 
     Returns:
         ``(loss, n_labelled)``: the float32 (weighted) mean over labelled rows (``0`` when
@@ -40,18 +41,23 @@ def masked_cross_entropy(
     mask = labels >= 0
     safe_labels = jnp.where(mask, labels, 0)
     logits = logits.astype(jnp.float32)
-    if label_smoothing:
-        targets = jax.nn.one_hot(safe_labels, logits.shape[-1], dtype=jnp.float32)
-        ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
-    else:
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
     n = mask.sum().astype(jnp.int32)
     if class_weights is None:
+        if label_smoothing:
+            targets = jax.nn.one_hot(safe_labels, logits.shape[-1], dtype=jnp.float32)
+            ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
         total = jnp.where(mask, ce, 0.0).sum()
         return total / jnp.maximum(n, 1).astype(jnp.float32), n
-    w = jnp.where(mask, jnp.asarray(class_weights, jnp.float32)[safe_labels], 0.0)
+    class_weights = jnp.asarray(class_weights, jnp.float32)
+    w = jnp.where(mask, class_weights[safe_labels], 0.0)
+    weighted = w * ce
+    if label_smoothing:  # torch: the uniform part weighs each class by its own weight
+        uniform = -(jax.nn.log_softmax(logits) * class_weights).mean(-1)
+        weighted = (1 - label_smoothing) * weighted + label_smoothing * uniform
     total_w = w.sum()
-    return jnp.where(total_w > 0, (w * ce).sum() / jnp.where(total_w > 0, total_w, 1.0), 0.0), n
+    total = jnp.where(mask, weighted, 0.0).sum()
+    return jnp.where(total_w > 0, total / jnp.where(total_w > 0, total_w, 1.0), 0.0), n
 
 
 def multitask_loss(

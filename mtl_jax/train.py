@@ -91,9 +91,8 @@ def build_train_step(
     rdrop_alpha = config.train.rdrop_alpha
 
     def loss_fn(params, batch, key):
-        rows = len(next(iter(batch["labels"].values())))
-        if rdrop_alpha:  # the batch twice in one forward: each copy draws its own dropout
-            batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), dict(batch))
+        if rdrop_alpha:  # each row twice, side by side (one device's shard holds both), in
+            batch = rdrop_pairs(batch)  # one forward: each copy draws its own dropout
         logits, _ = forward(params, batch, True, {"dropout": key})
         total, per_task = multitask_loss(
             logits,
@@ -105,9 +104,9 @@ def build_train_step(
         )
         if rdrop_alpha:  # R-Drop's objective over 2 (its alpha as published)
             for task, both in logits.items():
-                kl = symmetric_kl(both[:rows], both[rows:], batch["labels"][task][:rows])
+                kl = symmetric_kl(both[0::2], both[1::2], batch["labels"][task][0::2])
                 total = total + 0.5 * rdrop_alpha * weights[task] * kl
-            logits = {task: both[:rows] for task, both in logits.items()}
+            logits = {task: both[0::2] for task, both in logits.items()}
         return total, (logits, per_task)
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
@@ -142,6 +141,11 @@ def build_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def rdrop_pairs(batch: Batch) -> dict[str, Any]:
+    """Every array of ``batch`` with each row repeated in place: ``[a, a, b, b, ...]``."""
+    return jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), dict(batch))
 
 
 def _task_metrics(logits, labels, per_task, params) -> dict[str, dict[str, jax.Array]]:
@@ -185,11 +189,13 @@ def make_train_step(
     threw this step away: params and optimiser state unchanged, step counter advanced),
     and ``tasks[task]`` with ``loss``, ``correct``, ``count`` (labelled rows) and, with
     uncertainty weighting, ``log_var``. With ``train.rdrop_alpha`` (R-Drop, Liang et al.
-    2021) the step runs each row twice with independent dropout; a task's ``loss`` is its
-    mean over both passes, the total adds ``alpha / 2`` times their symmetric KL (the
-    published objective, halved), and ``correct`` reads the first pass. Without
-    ``skip_nonfinite`` a non-finite step is
-    applied and only flagged: the fit loop raises on ``finite == False``.
+    2021) the step runs each row twice with independent dropout (and token cutoff), at
+    about twice a step's time and activation memory; a task's ``loss`` is its mean over
+    both passes, the total adds ``alpha / 2`` times their symmetric KL weighted by the
+    task's ``loss_weight`` (the published objective, halved; not by learned uncertainty
+    weights, which scale the cross-entropy only), and ``correct`` reads the first pass.
+    Without ``skip_nonfinite`` a non-finite step is applied and only flagged: the fit loop
+    raises on ``finite == False``.
 
     Batch keys other than the forward's inputs, ``labels`` and ``valid`` are dropped
     before the jitted call. With ``model.remat`` and a backbone that trains, the step is a

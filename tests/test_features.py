@@ -14,6 +14,7 @@ from mtl_jax import data as data_lib
 from mtl_jax import features, freezing
 from mtl_jax.config import TrainConfig
 from mtl_jax.errors import UserError
+from mtl_jax.losses import masked_cross_entropy, symmetric_kl
 from mtl_jax.model import MultiTaskModel, build_model
 from mtl_jax.synthetic import make_rows
 from mtl_jax.train import (
@@ -23,6 +24,7 @@ from mtl_jax.train import (
     jit_train_step,
     make_eval_step,
     make_train_step,
+    rdrop_pairs,
 )
 
 STEPS = 5
@@ -265,37 +267,52 @@ def test_label_smoothing_reaches_the_train_step(config, tiny_model, tiny_params)
 
 
 def test_rdrop_pulls_two_dropout_passes_of_each_row_together(config, tiny_backbone, tiny_params):
-    """R-Drop: the step's total is both passes' mean loss plus alpha / 2 times their
-    symmetric KL, so it is affine in alpha, with a slope > 0 where a head draws dropout
-    (genre's); without dropout the two passes are the same rows and the step is the plain
-    one."""
+    """R-Drop: each task's loss is its mean over two passes with their own dropout (genre's
+    head draws some), and the total adds alpha / 2 times each task's symmetric KL between
+    the passes of the same rows, weighted by its loss weight. Without dropout the two passes
+    are the same rows, and the step is the plain one."""
     rng = np.random.default_rng(7)
     labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
     labels["sentiment"][:5] = -1
     batch = {"embedding": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32), "labels": labels}
+    weights = {"genre": 0.7, "sentiment": 1.3}
+    key = jax.random.key(2)
 
-    def one_step(alpha, head_dropout=None):
-        cfg = dataclasses.replace(
-            config, train=dataclasses.replace(config.train, rdrop_alpha=alpha)
+    def setup(alpha, head_dropout=None):
+        tasks = tuple(
+            dataclasses.replace(
+                t,
+                loss_weight=weights[t.name],
+                dropout=t.dropout if head_dropout is None else head_dropout,
+            )
+            for t in config.tasks
         )
-        if head_dropout is not None:
-            tasks = tuple(dataclasses.replace(t, dropout=head_dropout) for t in cfg.tasks)
-            cfg = dataclasses.replace(cfg, tasks=tasks)
+        train = dataclasses.replace(config.train, rdrop_alpha=alpha)
+        cfg = dataclasses.replace(config, tasks=tasks, train=train)
         params = init_train_params(tiny_params, cfg)
         optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
         forward = features.cached_forward(build_model(cfg, tiny_backbone), cfg)
         step = jax.jit(build_train_step(forward, optimizer, cfg))
-        return step(create_train_state(params, optimizer), batch, jax.random.key(2))
+        state, metrics = step(create_train_state(params, optimizer), batch, key)
+        return forward, params, state, metrics
 
-    totals = {a: float(one_step(a)[1]["loss"]) for a in (1.0, 2.0, 3.0)}
-    slope = totals[2.0] - totals[1.0]
-    assert slope > 1e-4
-    np.testing.assert_allclose(totals[3.0] - totals[2.0], slope, rtol=1e-3)
-    _, metrics = one_step(1.0)
-    assert int(metrics["tasks"]["sentiment"]["count"]) == 11  # the first pass's rows, once
+    alpha = 2.0
+    forward, params, _, metrics = setup(alpha)
+    pairs = rdrop_pairs(batch)
+    logits, _ = forward(params, pairs, True, {"dropout": jax.random.fold_in(key, 0)})
+    first, second = logits["genre"][0::2], logits["genre"][1::2]
+    assert not np.allclose(first, second)  # the passes drew different masks
+    expected = 0.0
+    for task, w in weights.items():
+        ce, _ = masked_cross_entropy(logits[task], pairs["labels"][task])
+        np.testing.assert_allclose(metrics["tasks"][task]["loss"], ce, rtol=1e-5)
+        kl = symmetric_kl(logits[task][0::2], logits[task][1::2], labels[task])
+        expected += w * ce + 0.5 * alpha * w * kl
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+    assert float(expected) > sum(w * metrics["tasks"][t]["loss"] for t, w in weights.items())
 
-    plain_state, plain = one_step(0.0, head_dropout=0.0)
-    twin_state, twin = one_step(1.0, head_dropout=0.0)
+    _, _, plain_state, plain = setup(0.0, head_dropout=0.0)
+    _, _, twin_state, twin = setup(1.0, head_dropout=0.0)
     np.testing.assert_allclose(float(twin["loss"]), float(plain["loss"]), rtol=1e-6)
     # Adam divides by the gradient's scale: a summation order apart, a few ulps of lr.
     chex.assert_trees_all_close(twin_state.params, plain_state.params, atol=1e-5)

@@ -71,9 +71,13 @@ def test_label_smoothing_is_torchs_mix_of_the_label_and_the_uniform_target(eps):
     ce = -(1 - eps) * log_probs[np.arange(rows.sum()), labels[rows]] - eps * log_probs.mean(1)
     plain, _ = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), None, eps)
     np.testing.assert_allclose(float(plain), ce.mean(), rtol=1e-5)
+    # With weights, torch weighs the label's term by its class and each class's share of
+    # the uniform term by that class: ((1 - eps) w_y CE_y + eps mean_k w_k CE_k) / sum w_y.
     weighted, _ = masked_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), weights, eps)
     w = weights[labels[rows]]
-    np.testing.assert_allclose(float(weighted), (w * ce).sum() / w.sum(), rtol=1e-5)
+    nll_y = -log_probs[np.arange(rows.sum()), labels[rows]]
+    row_terms = (1 - eps) * w * nll_y - eps * (log_probs * weights).mean(1)
+    np.testing.assert_allclose(float(weighted), row_terms.sum() / w.sum(), rtol=1e-5)
     # Smoothing keeps a finite optimum: the gradient vanishes at logit gaps of
     # log((1 - eps + eps / K) / (eps / K)), not at infinity.
     k = logits.shape[1]

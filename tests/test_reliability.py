@@ -265,6 +265,11 @@ CONFIG_CASES = {
         ["train.rdrop_alpha=-1"],
         ["config key 'train.rdrop_alpha': expected a number >= 0 (0 = off), got -1"],
     ),
+    "R-Drop without dropout": (  # the demo's backbone is deterministic, its heads too now
+        None,
+        ["tasks.genre.dropout=0", "train.rdrop_alpha=1"],
+        ["config key 'train.rdrop_alpha' = 1.0 would only double", "model.backbone_dropout = true"],
+    ),
     "unknown freeze strategy": (
         None,
         ['train.freeze="sideways"'],
