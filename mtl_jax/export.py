@@ -186,6 +186,7 @@ def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
                 layers.append({"type": "dropout", "p": float(task.dropout)})
             width = hidden
         layers.append(_linear(f"{task.name}.out", width, task.num_labels))
+        context, source_column = context_key(task)
         tasks[task.name] = {
             "labels": list(task.labels),
             "hidden": list(task.hidden),
@@ -193,8 +194,8 @@ def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
             "layers": layers,
             # >0: the head was trained on each sentence joined (by a space) with this many
             # sentences before and after it from the same source_column text
-            "context": context_key(task)[0],
-            "source_column": context_key(task)[1],
+            "context": context,
+            "source_column": source_column,
         }
     return {
         "input": "the sentence embedding (SentenceTransformer(DIR).encode(texts)); of each "

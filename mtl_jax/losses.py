@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def masked_cross_entropy(
@@ -40,23 +39,21 @@ def masked_cross_entropy(
     """
     mask = labels >= 0
     safe_labels = jnp.where(mask, labels, 0)
-    logits = logits.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]
     n = mask.sum().astype(jnp.int32)
-    if class_weights is None:
-        if label_smoothing:
-            targets = jax.nn.one_hot(safe_labels, logits.shape[-1], dtype=jnp.float32)
-            ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
-        total = jnp.where(mask, ce, 0.0).sum()
-        return total / jnp.maximum(n, 1).astype(jnp.float32), n
-    class_weights = jnp.asarray(class_weights, jnp.float32)
-    w = jnp.where(mask, class_weights[safe_labels], 0.0)
-    weighted = w * ce
-    if label_smoothing:  # torch: the uniform part weighs each class by its own weight
-        uniform = -(jax.nn.log_softmax(logits) * class_weights).mean(-1)
-        weighted = (1 - label_smoothing) * weighted + label_smoothing * uniform
-    total_w = w.sum()
-    total = jnp.where(mask, weighted, 0.0).sum()
+    per_class = (
+        jnp.ones(logits.shape[-1], jnp.float32)
+        if class_weights is None
+        else jnp.asarray(class_weights, jnp.float32)
+    )
+    w = jnp.where(mask, per_class[safe_labels], 0.0)
+    rows = w * nll
+    if label_smoothing:  # torch: each class's share of eps counts with its own weight
+        uniform = -(log_probs * per_class).mean(-1)
+        rows = (1 - label_smoothing) * rows + label_smoothing * uniform
+    total_w = w.sum()  # n without class weights
+    total = jnp.where(mask, rows, 0.0).sum()
     return jnp.where(total_w > 0, total / jnp.where(total_w > 0, total_w, 1.0), 0.0), n
 
 

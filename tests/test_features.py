@@ -201,31 +201,44 @@ def test_cached_step_runs_no_backbone(config, tiny_model, tiny_params):
     assert _dot_count(jax.make_jaxpr(step)(state, batch, jax.random.key(0)).jaxpr) <= 3 * 5
 
 
+def random_batch(config, seed: int) -> dict:
+    """16 rows of random embeddings with a random label for every task (numpy, mutable)."""
+    rng = np.random.default_rng(seed)
+    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
+    return {"embedding": rng.normal(size=(16, 32)).astype(np.float32), "labels": labels}
+
+
+def with_task_changes(config, changes: dict[str, dict]):
+    """``config`` with ``changes[task name]`` applied to those tasks."""
+    tasks = tuple(dataclasses.replace(t, **changes.get(t.name, {})) for t in config.tasks)
+    return dataclasses.replace(config, tasks=tasks)
+
+
+def cached_step(cfg, model, tiny_params, batch, key):
+    """One jitted train step of ``cfg``'s heads on the batch's embeddings, from the start:
+    ``(forward, initial params, state, metrics)``."""
+    params = init_train_params(tiny_params, cfg)
+    optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
+    forward = features.cached_forward(model, cfg)
+    step = jax.jit(build_train_step(forward, optimizer, cfg))
+    state, metrics = step(create_train_state(params, optimizer), batch, key)
+    return forward, params, state, metrics
+
+
 def test_class_weights_reach_the_train_step(config, tiny_model, tiny_params):
     """Weight 1 on one genre and 0 elsewhere trains exactly as if only that genre's rows
     carried a genre label (same dropout key, so the same heads' masks)."""
     genre = config.task("genre")
     only_two = (0.0, 0.0, 1.0, 0.0, 0.0)
-    weighted_config = dataclasses.replace(
-        config,
-        tasks=tuple(
-            dataclasses.replace(t, class_weights=only_two) if t.name == "genre" else t
-            for t in config.tasks
-        ),
-    )
-    rng = np.random.default_rng(5)
-    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
+    weighted_config = with_task_changes(config, {"genre": {"class_weights": only_two}})
+    batch = random_batch(config, 5)
+    labels = batch["labels"]
     labels["genre"][:3] = 2  # some rows of the weighted class for sure
-    embedding = rng.normal(size=(16, 32)).astype(np.float32)
     masked = dict(labels, genre=np.where(labels["genre"] == 2, 2, -1).astype(np.int32))
 
     def one_step(cfg, batch_labels):
-        params = init_train_params(tiny_params, cfg)
-        optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
-        forward = features.cached_forward(tiny_model, cfg)
-        step = jax.jit(build_train_step(forward, optimizer, cfg))
-        batch = {"embedding": jnp.asarray(embedding), "labels": batch_labels}
-        return step(create_train_state(params, optimizer), batch, jax.random.key(1))
+        key = jax.random.key(1)
+        return cached_step(cfg, tiny_model, tiny_params, dict(batch, labels=batch_labels), key)[2:]
 
     w_state, w_metrics = one_step(weighted_config, labels)
     m_state, m_metrics = one_step(config, masked)
@@ -240,22 +253,11 @@ def test_class_weights_reach_the_train_step(config, tiny_model, tiny_params):
 def test_label_smoothing_reaches_the_train_step(config, tiny_model, tiny_params):
     """The step's sentiment loss is affine in its smoothing (the same logits: one key, one
     start), and genre's, unsmoothed, does not move."""
-    rng = np.random.default_rng(6)
-    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
-    batch = {"embedding": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32), "labels": labels}
+    batch = random_batch(config, 6)
 
     def task_losses(eps):
-        cfg = dataclasses.replace(
-            config,
-            tasks=tuple(
-                dataclasses.replace(t, label_smoothing=eps) if t.name == "sentiment" else t
-                for t in config.tasks
-            ),
-        )
-        params = init_train_params(tiny_params, cfg)
-        optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
-        step = jax.jit(build_train_step(features.cached_forward(tiny_model, cfg), optimizer, cfg))
-        _, metrics = step(create_train_state(params, optimizer), batch, jax.random.key(1))
+        cfg = with_task_changes(config, {"sentiment": {"label_smoothing": eps}})
+        *_, metrics = cached_step(cfg, tiny_model, tiny_params, batch, jax.random.key(1))
         return {t: float(m["loss"]) for t, m in metrics["tasks"].items()}
 
     none, some, more = task_losses(0.0), task_losses(0.3), task_losses(0.6)
@@ -271,30 +273,19 @@ def test_rdrop_pulls_two_dropout_passes_of_each_row_together(config, tiny_backbo
     head draws some), and the total adds alpha / 2 times each task's symmetric KL between
     the passes of the same rows, weighted by its loss weight. Without dropout the two passes
     are the same rows, and the step is the plain one."""
-    rng = np.random.default_rng(7)
-    labels = {t.name: rng.integers(0, t.num_labels, 16).astype(np.int32) for t in config.tasks}
+    batch = random_batch(config, 7)
+    labels = batch["labels"]
     labels["sentiment"][:5] = -1
-    batch = {"embedding": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32), "labels": labels}
     weights = {"genre": 0.7, "sentiment": 1.3}
     key = jax.random.key(2)
 
     def setup(alpha, head_dropout=None):
-        tasks = tuple(
-            dataclasses.replace(
-                t,
-                loss_weight=weights[t.name],
-                dropout=t.dropout if head_dropout is None else head_dropout,
-            )
-            for t in config.tasks
-        )
-        train = dataclasses.replace(config.train, rdrop_alpha=alpha)
-        cfg = dataclasses.replace(config, tasks=tasks, train=train)
-        params = init_train_params(tiny_params, cfg)
-        optimizer = freezing.make_optimizer(cfg.train, params, total_steps=10)
-        forward = features.cached_forward(build_model(cfg, tiny_backbone), cfg)
-        step = jax.jit(build_train_step(forward, optimizer, cfg))
-        state, metrics = step(create_train_state(params, optimizer), batch, key)
-        return forward, params, state, metrics
+        changes = {name: {"loss_weight": w} for name, w in weights.items()}
+        if head_dropout is not None:
+            changes = {name: {**c, "dropout": head_dropout} for name, c in changes.items()}
+        cfg = with_task_changes(config, changes)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rdrop_alpha=alpha))
+        return cached_step(cfg, build_model(cfg, tiny_backbone), tiny_params, batch, key)
 
     alpha = 2.0
     forward, params, _, metrics = setup(alpha)

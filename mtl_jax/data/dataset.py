@@ -160,6 +160,12 @@ def _split_files(config: Config, split: str) -> list[tuple[str, str, list[TaskCo
     return list(files.values())
 
 
+def row_columns(tasks: Sequence[TaskConfig]) -> list[str]:
+    """The columns the rows of ``tasks`` carry besides the text, each once: their labels,
+    then the source columns their contexts read by."""
+    return list(dict.fromkeys([*(t.label_key for t in tasks), *source_columns(tasks)]))
+
+
 def _read_source(
     path: str,
     text_column: str,
@@ -169,9 +175,7 @@ def _read_source(
 ) -> tuple[list[Row], np.ndarray]:
     """One file's rows and their label ids ``int32 [rows, n_tasks]`` (``-1``: other tasks);
     a source column that a task reads its neighbours by is read as a label column."""
-    columns = list(dict.fromkeys(t.label_key for t in tasks))
-    wanted = list(dict.fromkeys([*columns, *source_columns(tasks)]))
-    rows = read_rows(path, text_column, wanted, skip_empty=skip_empty)
+    rows = read_rows(path, text_column, row_columns(tasks), skip_empty=skip_empty)
     block = np.full((len(rows), len(task_names)), -1, np.int32)
     for task in tasks:
         block[:, task_names.index(task.name)] = encode_labels(
@@ -181,7 +185,8 @@ def _read_source(
     if unlabelled.size:
         line = rows[unlabelled[0]].line
         raise UserError(
-            f"{where(path, line)}: no label in column(s) {', '.join(map(repr, columns))}"
+            f"{where(path, line)}: no label in column(s) "
+            f"{', '.join(repr(c) for c in dict.fromkeys(t.label_key for t in tasks))}"
             f" ({unlabelled.size} such row(s)); fill in the label or remove the row"
         )
     return rows, block
@@ -261,13 +266,13 @@ def dataset_from_rows(
             f"tasks {unresolved} have no labels; set them or resolve them from the train files first"
         )
     text_column = config.tasks[0].text_column if config.tasks else "text"
-    columns = [t.label_key for t in config.tasks] + list(source_columns(config.tasks))
+    columns = row_columns(config.tasks)
     parsed = []
     for i, row in enumerate(rows, start=1):
         text = row.get(text_column)
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"{where(source, i, text_column)}: missing or empty text")
-        values = {c: parse_label(Path(source), i, c, row.get(c)) for c in dict.fromkeys(columns)}
+        values = {c: parse_label(Path(source), i, c, row.get(c)) for c in columns}
         parsed.append(Row(i, text, values))
     block = np.full((len(parsed), len(config.tasks)), -1, np.int32)
     for k, task in enumerate(config.tasks):
