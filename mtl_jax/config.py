@@ -156,8 +156,14 @@ class TaskConfig:
                 ("labels", len(labels) != 1, "at least two labels (or none, to infer them)"),
             ],
         )
+        blocks = f"at least one hidden block (tasks.{self.name}.hidden = [width, ...])"
         _check_applies(
-            self, f"tasks.{self.name}", [("source_column", self.context > 0, "context > 0")]
+            self,
+            f"tasks.{self.name}",
+            [
+                ("source_column", self.context > 0, "context > 0"),
+                ("dropout", bool(self.hidden), blocks),  # it follows each hidden block
+            ],
         )
 
 

@@ -270,6 +270,14 @@ CONFIG_CASES = {
         ["tasks.genre.dropout=0", "train.rdrop_alpha=1"],
         ["config key 'train.rdrop_alpha' = 1.0 would only double", "model.backbone_dropout = true"],
     ),
+    "head dropout without hidden blocks": (  # R-Drop's check counts on it being drawn
+        None,
+        ["tasks.sentiment.hidden=[]", "tasks.sentiment.dropout=0.1"],
+        [
+            "config key 'tasks.sentiment.dropout' = 0.1 would be ignored",
+            "tasks.sentiment.hidden = [width, ...]",
+        ],
+    ),
     "unknown freeze strategy": (
         None,
         ['train.freeze="sideways"'],
