@@ -318,12 +318,14 @@ def test_real_preset_trains_sentiment_on_the_phrases_and_balances_genre(
     config = resolve_class_weights(config, train)
 
     assert len(train) == 20 + 3 and len(dev) == 2 + 2
-    # Genre reads each sentence with its neighbours from the same text; sentiment alone.
+    # Genre reads each sentence with two neighbours per side from the same text (never
+    # across texts: adventure 5 is its text's last); sentiment alone.
     assert train.texts[:3] == (
-        "adventure 0. adventure 1.",
         "adventure 0. adventure 1. adventure 2.",
-        "adventure 1. adventure 2. adventure 3.",
+        "adventure 0. adventure 1. adventure 2. adventure 3.",
+        "adventure 0. adventure 1. adventure 2. adventure 3. adventure 4.",
     )
+    assert train.texts[5] == "adventure 3. adventure 4. adventure 5."
     assert dev.texts == ("d. e.", "d. e.", "ok", "ok")
     balanced = [20 / (5 * counts[label]) for label in config.task("genre").labels]
     assert config.task("genre").class_weights == pytest.approx(balanced)
@@ -365,11 +367,20 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         return resolve_train_config(args)
 
     configs = {name: config_of(name) for name in experiments.ROWS}
-    assert configs["real"] == configs["real-context1"] == real("data")
+    assert configs["real"] == configs["real-context2-3ep"] == real("data")
     genre = real("data").task("genre")
-    assert (genre.context, genre.source_column) == (1, "source_id")
-    sentences = dataclasses.replace(
+    assert (genre.context, genre.source_column, real("data").train.epochs) == (2, "source_id", 3)
+    four_epochs = dataclasses.replace(real("data").train, epochs=4)  # rounds 4-13
+    round13 = dataclasses.replace(
         real("data"),
+        tasks=(dataclasses.replace(genre, context=1), real("data").task("sentiment")),
+        train=four_epochs,
+    )
+    assert configs["real-context1"] == round13
+    batch128 = configs["real-batch128"]
+    assert (batch128.tasks, batch128.train.epochs) == (round13.tasks, 4)
+    sentences = dataclasses.replace(
+        round13,
         tasks=(
             dataclasses.replace(genre, context=0, source_column=""),
             real("data").task("sentiment"),
@@ -415,3 +426,6 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         configs["genre2-seed1"].task("genre"), context=2, source_column="source_id"
     )
     assert real("data").data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)
+    assert configs["real-context2-2ep"] == dataclasses.replace(
+        real("data"), train=dataclasses.replace(real("data").train, epochs=2)
+    )
