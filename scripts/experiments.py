@@ -266,6 +266,8 @@ ROWS = {
     # Sentiment alone for one epoch without BERT's dropout (the heads draw none):
     # a deterministic fine-tune, against `best-sentiment-only` (89.8).
     "best-sentiment-only-nodropout": real(*BEST, "model.backbone_dropout=false", tasks="sentiment"),
+    # ... and with a head four times as wide (one hidden block of 512, not 128).
+    "best-sentiment-only-head512": real(*BEST, "tasks.sentiment.hidden=[512]", tasks="sentiment"),
 }
 
 
