@@ -66,8 +66,8 @@ ROUND1_PRESET = (
 
 
 def preset_round10(*sets: str, tasks: str = "") -> list[str]:
-    """``--preset real`` with the length buckets and sentences of rounds 1-10, and ``--set``
-    overrides."""
+    """``--preset real`` with the length buckets, sentences and epochs of rounds 1-10, and
+    ``--set`` overrides."""
     return preset(ROUND10_BUCKETS, *ROUND11_SENTENCES, ROUND13_EPOCHS, *sets, tasks=tasks)
 
 
@@ -96,6 +96,7 @@ PLUS_SENTENCES = Path("runs/data/sst2_phrases_plus_sentences/train.tsv")
 # own source text (tasks.genre.context). Round 11's rows read derived files with the same
 # texts, except that their 1.2 % of windows over 128 tokens were cut rather than fitted.
 GENRE_CONTEXT1 = ("tasks.genre.context=1", 'tasks.genre.source_column="source_id"')
+GENRE_CONTEXT2 = ("tasks.genre.context=2", 'tasks.genre.source_column="source_id"')
 
 
 def genre2_seeds(name: str, *sets: str) -> dict[str, list[str]]:
@@ -230,9 +231,7 @@ ROWS = {
     # Round 12: the windows over the preset's 4 epochs (the preset since: `real`'s command).
     "real-context1": preset(*GENRE_CONTEXT1, ROUND13_EPOCHS),
     # ... and two neighbours per side, genre alone (about 1.6 times genre's tokens again).
-    **genre2_seeds(
-        "genre2-context2", "tasks.genre.context=2", 'tasks.genre.source_column="source_id"'
-    ),
+    **genre2_seeds("genre2-context2", *GENRE_CONTEXT2),
     # Round 13: four times the batch (128 rows; 620 steps an epoch), the learning rate
     # scaled by its square root, warmup, EMA horizon and evaluations kept at the same rows
     # seen: published small-model SST-2 recipes train at batch 256.
@@ -255,14 +254,10 @@ ROWS = {
     ),
     # Round 14: two neighbours per side for genre (+5.5 alone over three seeds) paid for
     # with three epochs instead of four (genre peaks in its first; about 98 minutes at four).
-    "real-context2-3ep": preset(
-        "tasks.genre.context=2", 'tasks.genre.source_column="source_id"', "train.epochs=3"
-    ),
+    "real-context2-3ep": preset(*GENRE_CONTEXT2, "train.epochs=3"),
     # ... and in two epochs: genre drifts down after its first epoch, the shorter schedule
     # anneals the rate while genre is near its peak (round 8 without windows: genre +5).
-    "real-context2-2ep": preset(
-        "tasks.genre.context=2", 'tasks.genre.source_column="source_id"', "train.epochs=2"
-    ),
+    "real-context2-2ep": preset(*GENRE_CONTEXT2, "train.epochs=2"),
     # Sentiment alone for one epoch without BERT's dropout (the heads draw none):
     # a deterministic fine-tune, against `best-sentiment-only` (89.8).
     "best-sentiment-only-nodropout": real(*BEST, "model.backbone_dropout=false", tasks="sentiment"),

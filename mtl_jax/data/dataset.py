@@ -160,10 +160,15 @@ def _split_files(config: Config, split: str) -> list[tuple[str, str, list[TaskCo
     return list(files.values())
 
 
+def label_columns(tasks: Sequence[TaskConfig]) -> list[str]:
+    """The label columns of ``tasks``, each once (tasks may share one)."""
+    return list(dict.fromkeys(t.label_key for t in tasks))
+
+
 def row_columns(tasks: Sequence[TaskConfig]) -> list[str]:
     """The columns the rows of ``tasks`` carry besides the text, each once: their labels,
     then the source columns their contexts read by."""
-    return list(dict.fromkeys([*(t.label_key for t in tasks), *source_columns(tasks)]))
+    return list(dict.fromkeys([*label_columns(tasks), *source_columns(tasks)]))
 
 
 def _read_source(
@@ -186,8 +191,7 @@ def _read_source(
         line = rows[unlabelled[0]].line
         raise UserError(
             f"{where(path, line)}: no label in column(s) "
-            f"{', '.join(repr(c) for c in dict.fromkeys(t.label_key for t in tasks))}"
-            f" ({unlabelled.size} such row(s)); fill in the label or remove the row"
+            f"{', '.join(map(repr, label_columns(tasks)))} ({unlabelled.size} such row(s)); fill in the label or remove the row"
         )
     return rows, block
 
