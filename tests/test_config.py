@@ -367,13 +367,14 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         return resolve_train_config(args)
 
     configs = {name: config_of(name) for name in experiments.ROWS}
-    assert configs["real"] == configs["real-context2-3ep"] == real("data")
-    genre = real("data").task("genre")
-    assert (genre.context, genre.source_column, real("data").train.epochs) == (2, "source_id", 3)
-    four_epochs = dataclasses.replace(real("data").train, epochs=4)  # rounds 4-13
+    preset = real("data")
+    assert configs["real"] == configs["real-context2-3ep"] == preset
+    genre = preset.task("genre")
+    assert (genre.context, genre.source_column, preset.train.epochs) == (2, "source_id", 3)
+    four_epochs = dataclasses.replace(preset.train, epochs=4)  # rounds 4-13
     round13 = dataclasses.replace(
-        real("data"),
-        tasks=(dataclasses.replace(genre, context=1), real("data").task("sentiment")),
+        preset,
+        tasks=(dataclasses.replace(genre, context=1), preset.task("sentiment")),
         train=four_epochs,
     )
     assert configs["real-context1"] == round13
@@ -383,12 +384,12 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         round13,
         tasks=(
             dataclasses.replace(genre, context=0, source_column=""),
-            real("data").task("sentiment"),
+            preset.task("sentiment"),
         ),
     )
     round10 = configs["real-round10"]
     assert round10 == dataclasses.replace(
-        sentences, data=dataclasses.replace(real("data").data, length_buckets=(16, 32, 64, 128))
+        sentences, data=dataclasses.replace(preset.data, length_buckets=(16, 32, 64, 128))
     )
     assert configs["real-layer-1"] == dataclasses.replace(
         round10, model=dataclasses.replace(round10.model, layer=-1)
@@ -425,7 +426,9 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert configs["genre2-context2-seed1"].task("genre") == dataclasses.replace(
         configs["genre2-seed1"].task("genre"), context=2, source_column="source_id"
     )
-    assert real("data").data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)
+    assert preset.data.length_buckets == (8, 12, 16, 24, 32, 48, 64, 96, 128)
     assert configs["real-context2-2ep"] == dataclasses.replace(
-        real("data"), train=dataclasses.replace(real("data").train, epochs=2)
+        preset, train=dataclasses.replace(preset.train, epochs=2)
     )
+    seed1 = configs["real-context2-3ep-seed1"]
+    assert seed1 == dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=1))

@@ -335,8 +335,20 @@ def test_separate_files_mask_other_task(two_source, two_source_config):
 def test_unlabelled_row_and_missing_train_file(tmp_path, tiny_backbone):
     path = write(tmp_path / "t.tsv", "text\tlabel\nx\ta\ny\t\nz\tb\n")
     config = make_config([TaskConfig(name="label", labels=("a", "b"), train_file=str(path))])
-    with pytest.raises(UserError, match=r"t\.tsv:3: no label"):
+    with pytest.raises(UserError, match=r"t\.tsv:3: no label in column\(s\) 'label' \(1 such"):
         data.load_task_datasets(config, tiny_backbone.tokenizer)
+    # One file carrying both tasks: a row is refused only when it has neither label, and the
+    # message names both columns and counts the rows.
+    shared = write(tmp_path / "both.tsv", "text\tx\ty\na\ta\t\nb\t\tc\nc\t\t\nd\t\t\n")
+    both = make_config(
+        [
+            TaskConfig(name="x", labels=("a", "b"), train_file=str(shared)),
+            TaskConfig(name="y", labels=("c", "d"), train_file=str(shared)),
+        ]
+    )
+    message = r"both\.tsv:4: no label in column\(s\) 'x', 'y' \(2 such row\(s\)\); fill in"
+    with pytest.raises(UserError, match=message):
+        data.load_task_datasets(both, tiny_backbone.tokenizer)
     with pytest.raises(UserError, match="has no train_file"):
         data.load_task_datasets(
             make_config([TaskConfig(name="label", labels=("a", "b"))]), tiny_backbone.tokenizer
