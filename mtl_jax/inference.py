@@ -16,7 +16,7 @@ import numpy as np
 
 from mtl_jax.checkpoint import check_label_stamp, check_params_fit, open_run, restore_params
 from mtl_jax.config import Config, ModelConfig
-from mtl_jax.data import load_task_datasets
+from mtl_jax.data import Dataset, load_task_datasets
 from mtl_jax.data.context import ContextKey, context_key, fitted_windows
 from mtl_jax.encoder import Backbone, load_backbone, tokenize
 from mtl_jax.evaluate import (  # noqa: F401  (embed/predict_tokenized: public here too)
@@ -209,13 +209,11 @@ def predict_texts(
     return records
 
 
-def evaluate_files(
+def dev_dataset(
     trained: Trained, files: dict[str, str], batch_size: int = 64, skip_empty: bool = False
-) -> Scores:
-    """Scores per task on labelled files ``{task: path}``, with the checkpoint's label maps.
-
-    ``skip_empty`` drops rows with an empty text instead of refusing the file.
-    """
+) -> tuple[Config, Dataset]:
+    """The run's config pointed at labelled files ``{task: path}`` and their dataset, read
+    as in training (the checkpoint's label maps, each task's context)."""
     config = trained.config
     tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
     config = dataclasses.replace(
@@ -223,7 +221,17 @@ def evaluate_files(
         tasks=tasks,
         data=dataclasses.replace(config.data, eval_batch_size=batch_size),
     )
-    dataset = load_task_datasets(config, trained.tokenizer, "dev", skip_empty)
+    return config, load_task_datasets(config, trained.tokenizer, "dev", skip_empty)
+
+
+def evaluate_files(
+    trained: Trained, files: dict[str, str], batch_size: int = 64, skip_empty: bool = False
+) -> Scores:
+    """Scores per task on labelled files ``{task: path}``, with the checkpoint's label maps.
+
+    ``skip_empty`` drops rows with an empty text instead of refusing the file.
+    """
+    config, dataset = dev_dataset(trained, files, batch_size, skip_empty)
     scores = evaluate_dataset(
         make_eval_step(trained.model, config), trained.params, dataset, config
     )

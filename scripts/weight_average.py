@@ -14,7 +14,10 @@ Each model is ``RUN_DIR[:which]`` (``latest``, ``best`` or ``average``, as ``mtl
 --which``; the EMA when the run kept one). ``--weights`` weighs them (default equal);
 ``--pretrained-weight a`` also mixes the packaged pretrained backbone in at weight ``a``
 against the runs' mean backbone (WiSE-FT, Wortsman et al. 2022), the heads staying the
-runs' mean. Prints one JSON line: the models, weights and every task's dev scores.
+runs' mean. ``--ensemble`` instead scores the weighted mean of the models' class
+probabilities (each model reading the dev rows as it was trained to): an ensemble, the
+most that distilling these models into one could approach. Prints one JSON line: the
+models, weights and every task's dev scores.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from mtl_jax.checkpoint import WHICH
-from mtl_jax.encoder import load_backbone
+from mtl_jax.encoder import Tokenized, load_backbone
 from mtl_jax.errors import UserError
-from mtl_jax.inference import Trained, evaluate_files, load_trained
+from mtl_jax.inference import Trained, dev_dataset, evaluate_files, load_trained, predict_tokenized
+from mtl_jax.metrics import confusion_matrix, summarize
 from mtl_jax.model import init_params
 from mtl_jax.presets import DATA_DIR_ENV, data_folder_tasks
 from mtl_jax.trees import first_difference, weighted_mean
@@ -124,6 +129,59 @@ def average_scores(
     }
 
 
+def dev_probabilities(spec: str, files: dict[str, str]) -> dict[str, tuple]:
+    """One model's class probabilities on ``files`` ``{task: path}``, per task it scores:
+    ``{task: (labels, dev lines, gold label ids, probs [N, num_labels])}``."""
+    trained = load_trained(*parse_spec(spec))
+    config, dataset = dev_dataset(trained, files)
+    tokenized = Tokenized(dataset.input_ids, dataset.token_type_ids, dataset.truncated)
+    max_length = config.model.max_length
+    probs = predict_tokenized(trained.model, trained.params, tokenized, max_length=max_length)
+    out = {}
+    for k, task in enumerate(config.tasks):
+        rows = dataset.labels[:, k] >= 0
+        if task.name in files and rows.any():
+            gold = dataset.labels[rows, k]
+            out[task.name] = (task.labels, dataset.lines[rows], gold, probs[task.name][rows])
+    return out
+
+
+def ensemble_scores(
+    specs: Sequence[str], files: dict[str, str], weights: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """The dev scores of the weighted mean of ``specs``' class probabilities on ``files``.
+
+    Each task is scored over the models that have it (a sentiment-only run joins the
+    sentiment vote); they must agree on its labels and dev rows, or UserError names the
+    odd one. Models are restored one at a time.
+    """
+    weights = checked_weights(weights, len(specs)) if weights else [1.0] * len(specs)
+    for spec in specs:  # every spec checked before any restore
+        parse_spec(spec)
+    first: dict[str, tuple] = {}  # task: (spec, labels, lines, gold)
+    sums: dict[str, list] = {}  # task: [weighted probs, total weight, members]
+    for spec, weight in zip(specs, weights, strict=True):
+        for task, (labels, lines, gold, probs) in dev_probabilities(spec, files).items():
+            origin, *expected = first.setdefault(task, (spec, labels, lines, gold))
+            same_rows = np.array_equal(lines, expected[1]) and np.array_equal(gold, expected[2])
+            if labels != expected[0] or not same_rows:
+                raise UserError(f"{spec}: its {task} labels or dev rows differ from {origin}'s")
+            total = sums.setdefault(task, [0.0, 0.0, []])
+            total[0] = total[0] + weight * probs.astype(np.float64)
+            total[1] += weight
+            total[2].append(spec)
+    confusions = {
+        task: confusion_matrix(first[task][3], (mean / weight).argmax(-1), len(first[task][1]))
+        for task, (mean, weight, _) in sums.items()
+    }
+    return {
+        "models": list(specs),
+        "weights": weights,
+        "ensemble": {task: members for task, (_, _, members) in sums.items()},
+        "scores": summarize(confusions),
+    }
+
+
 def _task_file(item: str) -> tuple[str, str]:
     task, sep, path = item.partition("=")
     if not (task and sep and path):
@@ -137,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", nargs="+", type=float, help="one per model (default equal)")
     parser.add_argument("--pretrained-weight", type=float, default=0.0)
     parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="score the mean of the models' class probabilities, not of their params",
+    )
+    parser.add_argument(
         "--data",
         action="append",
         help="TASK=FILE (default: the real data's dev files, ../shared/data or $MTL_JAX_DATA)",
@@ -147,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if files is None:
             folder = Path(os.environ.get(DATA_DIR_ENV) or "../shared/data")
             files = {t.name: t.dev_file for t in data_folder_tasks(folder)}
-        result = average_scores(args.models, files, args.weights, args.pretrained_weight)
+        if args.ensemble and args.pretrained_weight:
+            raise UserError("--pretrained-weight mixes params: it does not apply with --ensemble")
+        if args.ensemble:
+            result = ensemble_scores(args.models, files, args.weights)
+        else:
+            result = average_scores(args.models, files, args.weights, args.pretrained_weight)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -89,6 +89,40 @@ def test_a_model_that_does_not_fit_the_first_is_named(script, setup, tmp_path):
         script.average_scores([str(tmp_path / "nowhere"), f"{run}:newest"], files)
 
 
+def test_ensemble_scores_the_mean_of_the_models_probabilities(script, setup, tmp_path):
+    run, files = setup
+    alone = script.ensemble_scores([str(run)], files)["scores"]
+    expected = evaluate_files(load_trained(str(run)), files)
+    for task in files:
+        assert alone[task]["confusion"] == expected[task]["confusion"]
+        assert alone[task]["accuracy"] == pytest.approx(expected[task]["accuracy"])
+    # A sentiment-only run joins the sentiment vote only; the scores are the argmax of the
+    # weighted mean of the members' probabilities.
+    _, sentiment = default_tasks()
+    single = make_run(tmp_path / "single", tasks=(sentiment,))
+    specs = [str(run), f"{run}:best", str(single)]
+    result = script.ensemble_scores(specs, files, [1.0, 2.0, 3.0])
+    assert result["ensemble"] == {"genre": specs[:2], "sentiment": specs}
+    members = [script.dev_probabilities(spec, files) for spec in specs]
+    for task, weights in (("genre", [1.0, 2.0]), ("sentiment", [1.0, 2.0, 3.0])):
+        labels, _, gold, _ = members[0][task]
+        mean = sum(w * m[task][3] for w, m in zip(weights, members, strict=False))
+        by_hand = np.zeros((len(labels), len(labels)), int)
+        np.add.at(by_hand, (gold, mean.argmax(-1)), 1)
+        assert result["scores"][task]["confusion"] == by_hand.tolist()
+        assert result["scores"][task]["accuracy"] == pytest.approx(
+            float(np.mean(mean.argmax(-1) == gold))
+        )
+    # The same labels in another order would mix the classes' probabilities: refused.
+    genre, _ = default_tasks()
+    relabelled = make_run(
+        tmp_path / "relabelled",
+        tasks=(genre, dataclasses.replace(sentiment, labels=("positive", "negative"))),
+    )
+    with pytest.raises(UserError, match=re.escape(f"{relabelled}: its sentiment labels or dev")):
+        script.ensemble_scores([str(run), str(relabelled)], files)
+
+
 def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
     run, files = setup
     data = [x for task, path in files.items() for x in ("--data", f"{task}={path}")]
@@ -96,6 +130,8 @@ def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
     assert capsys.readouterr().err == "error: --weights: 1 weights for 2 models\n"
     assert script.main([str(run), "--pretrained-weight", "1", *data]) == 2
     assert "--pretrained-weight: expected a number in [0, 1)" in capsys.readouterr().err
+    assert script.main([str(run), "--ensemble", "--pretrained-weight", "0.5", *data]) == 2
+    assert "--pretrained-weight mixes params: it does not apply" in capsys.readouterr().err
     assert script.main([f"{run}:newest", *data]) == 2
     assert "newest: expected RUN_DIR[:which] with which one of" in capsys.readouterr().err
     assert script.main([str(run), "--data", "genre"]) == 2
@@ -106,3 +142,5 @@ def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
     assert script.main([str(run), *data]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["models"] == [str(run)] and set(result["scores"]) == set(files)
+    assert script.main([str(run), "--ensemble", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["ensemble"] == {t: [str(run)] for t in files}
