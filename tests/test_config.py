@@ -432,3 +432,14 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     )
     seed1 = configs["real-context2-3ep-seed1"]
     assert seed1 == dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=1))
+    small = configs["best-sentiment-only-batch16"]
+    assert small == dataclasses.replace(
+        configs["best-sentiment-only"],
+        train=dataclasses.replace(
+            configs["best-sentiment-only"].train,
+            batch_size=16,
+            learning_rate=7e-5,
+            warmup_steps=400,
+            eval_every=2000,
+        ),
+    )
