@@ -212,8 +212,10 @@ def predict_texts(
 def dev_dataset(
     trained: Trained, files: dict[str, str], batch_size: int = 64, skip_empty: bool = False
 ) -> tuple[Config, Dataset]:
-    """The run's config pointed at labelled files ``{task: path}`` and their dataset, read
-    as in training (the checkpoint's label maps, each task's context)."""
+    """The run's config pointed at labelled files ``{task: path}`` (evaluated in batches of
+    ``batch_size``) and their dataset, read as in training: the checkpoint's label maps,
+    each task's context. Tasks without a file are unlabelled; ``skip_empty`` drops rows
+    with an empty text instead of refusing the file."""
     config = trained.config
     tasks = tuple(dataclasses.replace(t, dev_file=files.get(t.name, "")) for t in config.tasks)
     config = dataclasses.replace(

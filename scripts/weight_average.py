@@ -15,8 +15,8 @@ Each model is ``RUN_DIR[:which]`` (``latest``, ``best`` or ``average``, as ``mtl
 ``--pretrained-weight a`` also mixes the packaged pretrained backbone in at weight ``a``
 against the runs' mean backbone (WiSE-FT, Wortsman et al. 2022), the heads staying the
 runs' mean. ``--ensemble`` instead scores the weighted mean of the models' class
-probabilities (each model reading the dev rows as it was trained to): an ensemble, the
-most that distilling these models into one could approach. Prints one JSON line: the
+probabilities (each model reading the dev rows as it was trained to): an ensemble,
+roughly the ceiling for distilling these models into one. Prints one JSON line: the
 models, weights and every task's dev scores.
 """
 
@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -129,11 +129,22 @@ def average_scores(
     }
 
 
-def dev_probabilities(spec: str, files: dict[str, str]) -> dict[str, tuple]:
-    """One model's class probabilities on ``files`` ``{task: path}``, per task it scores:
-    ``{task: (labels, dev lines, gold label ids, probs [N, num_labels])}``."""
+class TaskProbs(NamedTuple):
+    """One model's view of one task's dev rows."""
+
+    labels: tuple[str, ...]  # the model's label order: the probabilities' columns
+    lines: np.ndarray  # int [N], the rows' lines in the dev file
+    gold: np.ndarray  # int [N], label ids
+    probs: np.ndarray  # float [N, num_labels]
+
+
+def dev_probabilities(spec: str, files: dict[str, str]) -> dict[str, TaskProbs]:
+    """One model's class probabilities on ``files`` ``{task: path}``, for each of those
+    tasks that it has (``{}`` when none)."""
     trained = load_trained(*parse_spec(spec))
     config, dataset = dev_dataset(trained, files)
+    if not len(dataset):
+        return {}
     tokenized = Tokenized(dataset.input_ids, dataset.token_type_ids, dataset.truncated)
     max_length = config.model.max_length
     probs = predict_tokenized(trained.model, trained.params, tokenized, max_length=max_length)
@@ -142,43 +153,69 @@ def dev_probabilities(spec: str, files: dict[str, str]) -> dict[str, tuple]:
         rows = dataset.labels[:, k] >= 0
         if task.name in files and rows.any():
             gold = dataset.labels[rows, k]
-            out[task.name] = (task.labels, dataset.lines[rows], gold, probs[task.name][rows])
+            out[task.name] = TaskProbs(
+                task.labels, dataset.lines[rows], gold, probs[task.name][rows]
+            )
     return out
+
+
+def _check_same_rows(spec: str, task: str, seen: TaskProbs, origin: str, got: TaskProbs) -> None:
+    """UserError unless ``got`` scores the rows ``seen`` did with the same label order."""
+    if got.labels != seen.labels:
+        raise UserError(
+            f"{spec}: its {task} labels {list(got.labels)} differ from {origin}'s "
+            f"{list(seen.labels)}; an ensemble needs one label order"
+        )
+    if not (np.array_equal(got.lines, seen.lines) and np.array_equal(got.gold, seen.gold)):
+        raise UserError(
+            f"{spec}: its {task} dev rows differ from {origin}'s ({len(got.lines)} against "
+            f"{len(seen.lines)} rows); score the models on the same file"
+        )
 
 
 def ensemble_scores(
     specs: Sequence[str], files: dict[str, str], weights: Sequence[float] | None = None
 ) -> dict[str, Any]:
-    """The dev scores of the weighted mean of ``specs``' class probabilities on ``files``.
+    """Dev scores (accuracy, macro-F1, loss) of the weighted mean of ``specs``' class
+    probabilities on ``files``.
 
     Each task is scored over the models that have it (a sentiment-only run joins the
     sentiment vote); they must agree on its labels and dev rows, or UserError names the
-    odd one. Models are restored one at a time.
+    odd one. A model of weight 0 is not restored. Models are restored one at a time.
     """
     weights = checked_weights(weights, len(specs)) if weights else [1.0] * len(specs)
     for spec in specs:  # every spec checked before any restore
         parse_spec(spec)
-    first: dict[str, tuple] = {}  # task: (spec, labels, lines, gold)
-    sums: dict[str, list] = {}  # task: [weighted probs, total weight, members]
+    first: dict[str, tuple[str, TaskProbs]] = {}  # task: (its first model, its rows)
+    summed: dict[str, np.ndarray] = {}  # task: weighted sum of probabilities
+    members: dict[str, list[tuple[str, float]]] = {}
     for spec, weight in zip(specs, weights, strict=True):
-        for task, (labels, lines, gold, probs) in dev_probabilities(spec, files).items():
-            origin, *expected = first.setdefault(task, (spec, labels, lines, gold))
-            same_rows = np.array_equal(lines, expected[1]) and np.array_equal(gold, expected[2])
-            if labels != expected[0] or not same_rows:
-                raise UserError(f"{spec}: its {task} labels or dev rows differ from {origin}'s")
-            total = sums.setdefault(task, [0.0, 0.0, []])
-            total[0] = total[0] + weight * probs.astype(np.float64)
-            total[1] += weight
-            total[2].append(spec)
-    confusions = {
-        task: confusion_matrix(first[task][3], (mean / weight).argmax(-1), len(first[task][1]))
-        for task, (mean, weight, _) in sums.items()
-    }
+        if not weight:
+            continue
+        for task, got in dev_probabilities(spec, files).items():
+            origin, seen = first.setdefault(task, (spec, got))
+            _check_same_rows(spec, task, seen, origin, got)
+            summed[task] = summed.get(task, 0.0) + weight * got.probs.astype(np.float64)
+            members.setdefault(task, []).append((spec, weight))
+    unscored = [task for task in files if task not in summed]
+    if unscored:
+        raise UserError(
+            f"--data: no model of positive weight has task(s) {unscored}; drop them or add "
+            "a model trained on them"
+        )
+    scores = {}
+    for task, total in summed.items():
+        _, seen = first[task]
+        mean = total / sum(weight for _, weight in members[task])
+        cm = confusion_matrix(seen.gold, mean.argmax(-1), len(seen.labels))
+        scores[task] = summarize({task: cm})[task]
+        gold_probs = mean[np.arange(len(seen.gold)), seen.gold]
+        scores[task]["loss"] = float(-np.log(np.maximum(gold_probs, 1e-12)).mean())
     return {
         "models": list(specs),
         "weights": weights,
-        "ensemble": {task: members for task, (_, _, members) in sums.items()},
-        "scores": summarize(confusions),
+        "ensemble": {task: [spec for spec, _ in pairs] for task, pairs in members.items()},
+        "scores": scores,
     }
 
 

@@ -91,36 +91,60 @@ def test_a_model_that_does_not_fit_the_first_is_named(script, setup, tmp_path):
 
 def test_ensemble_scores_the_mean_of_the_models_probabilities(script, setup, tmp_path):
     run, files = setup
+    # One model: its evaluation, the loss included (the probabilities row by row, so rows
+    # out of line with their labels would change it even where every argmax agrees).
     alone = script.ensemble_scores([str(run)], files)["scores"]
     expected = evaluate_files(load_trained(str(run)), files)
     for task in files:
         assert alone[task]["confusion"] == expected[task]["confusion"]
         assert alone[task]["accuracy"] == pytest.approx(expected[task]["accuracy"])
-    # A sentiment-only run joins the sentiment vote only; the scores are the argmax of the
+        assert alone[task]["loss"] == pytest.approx(expected[task]["loss"], rel=1e-5)
+    # A sentiment-only run joins the sentiment vote only; the scores are those of the
     # weighted mean of the members' probabilities.
-    _, sentiment = default_tasks()
+    genre, sentiment = default_tasks()
     single = make_run(tmp_path / "single", tasks=(sentiment,))
-    specs = [str(run), f"{run}:best", str(single)]
-    result = script.ensemble_scores(specs, files, [1.0, 2.0, 3.0])
-    assert result["ensemble"] == {"genre": specs[:2], "sentiment": specs}
-    members = [script.dev_probabilities(spec, files) for spec in specs]
-    for task, weights in (("genre", [1.0, 2.0]), ("sentiment", [1.0, 2.0, 3.0])):
-        labels, _, gold, _ = members[0][task]
-        mean = sum(w * m[task][3] for w, m in zip(weights, members, strict=False))
-        by_hand = np.zeros((len(labels), len(labels)), int)
+    latest, best = str(run), f"{run}:best"
+    result = script.ensemble_scores([latest, best, str(single)], files, [1.0, 2.0, 3.0])
+    assert result["ensemble"] == {"genre": [latest, best], "sentiment": [latest, best, str(single)]}
+    probs = {spec: script.dev_probabilities(spec, files) for spec in (latest, best, str(single))}
+    votes = {
+        "genre": [(1.0, latest), (2.0, best)],
+        "sentiment": [(1.0, latest), (2.0, best), (3.0, str(single))],
+    }
+    for task, pairs in votes.items():
+        gold = probs[latest][task].gold
+        mean = sum(w * probs[spec][task].probs for w, spec in pairs) / sum(w for w, _ in pairs)
+        by_hand = np.zeros((len(mean[0]), len(mean[0])), int)
         np.add.at(by_hand, (gold, mean.argmax(-1)), 1)
         assert result["scores"][task]["confusion"] == by_hand.tolist()
-        assert result["scores"][task]["accuracy"] == pytest.approx(
-            float(np.mean(mean.argmax(-1) == gold))
+        loss = -np.log(mean[np.arange(len(gold)), gold]).mean()
+        assert result["scores"][task]["loss"] == pytest.approx(loss, rel=1e-6)
+        assert result["scores"][task]["loss"] != pytest.approx(alone[task]["loss"], rel=1e-6)
+    # Weight 0 leaves a model out; a task only it has is refused.
+    assert script.ensemble_scores([latest, str(single)], files, [1.0, 0.0])["scores"] == alone
+    with pytest.raises(UserError, match=r"no model of positive weight has task\(s\) \['genre'\]"):
+        script.ensemble_scores([latest, str(single)], files, [0.0, 1.0])
+    with pytest.raises(UserError, match=r"no model of positive weight has task\(s\) \['genre'\]"):
+        script.ensemble_scores([str(single)], {"genre": files["genre"]})  # nothing to run
+    # Another label order would mix the classes' probabilities, another label set too.
+    sets = {"reordered": ("positive", "negative"), "wider": ("negative", "positive", "neutral")}
+    for name, labels in sets.items():
+        other = make_run(
+            tmp_path / name, tasks=(genre, dataclasses.replace(sentiment, labels=labels))
         )
-    # The same labels in another order would mix the classes' probabilities: refused.
-    genre, _ = default_tasks()
-    relabelled = make_run(
-        tmp_path / "relabelled",
-        tasks=(genre, dataclasses.replace(sentiment, labels=("positive", "negative"))),
-    )
-    with pytest.raises(UserError, match=re.escape(f"{relabelled}: its sentiment labels or dev")):
-        script.ensemble_scores([str(run), str(relabelled)], files)
+        with pytest.raises(
+            UserError, match=re.escape(f"{other}: its sentiment labels {list(labels)}")
+        ):
+            script.ensemble_scores([str(run), str(other)], files)
+
+
+def test_models_must_score_the_same_dev_rows(script):
+    seen = script.TaskProbs(("a", "b"), np.array([2, 3]), np.array([0, 1]), np.zeros((2, 2)))
+    script._check_same_rows("m2", "t", seen, "m1", seen)
+    for lines, gold in (([2, 4], [0, 1]), ([2, 3], [1, 1]), ([2], [0])):
+        got = seen._replace(lines=np.array(lines), gold=np.array(gold))
+        with pytest.raises(UserError, match=r"m2: its t dev rows differ from m1's \("):
+            script._check_same_rows("m2", "t", seen, "m1", got)
 
 
 def test_bad_input_is_one_line_and_exit_2(script, setup, capsys, tmp_path):
