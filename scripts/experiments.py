@@ -264,8 +264,9 @@ ROWS = {
     # ... and with a head four times as wide (one hidden block of 512, not 128).
     "best-sentiment-only-head512": real(*BEST, "tasks.sentiment.hidden=[512]", tasks="sentiment"),
     # Round 15: a second draw of the round-14 preset (another shuffle, dropout and heads'
-    # initial weights): how much of its end (88.8 / 41.0) is the draw.
+    # initial weights): how much of its end (88.8 / 41.0) is the draw; and of the 2-epoch one.
     "real-context2-3ep-seed1": preset(*GENRE_CONTEXT2, "train.epochs=3", "train.seed=1"),
+    "real-context2-2ep-seed1": preset(*GENRE_CONTEXT2, "train.epochs=2", "train.seed=1"),
     # ... and half the batch on sentiment alone for one epoch, against `best-sentiment-only`
     # (89.8): twice the updates, the rate scaled by the square root, warmup and evaluations
     # at the same rows seen (round 13 measured four times the batch).

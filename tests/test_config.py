@@ -432,6 +432,8 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     )
     seed1 = configs["real-context2-3ep-seed1"]
     assert seed1 == dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=1))
+    two_epochs = dataclasses.replace(seed1.train, epochs=2)
+    assert configs["real-context2-2ep-seed1"] == dataclasses.replace(seed1, train=two_epochs)
     small = configs["best-sentiment-only-batch16"]
     assert small == dataclasses.replace(
         configs["best-sentiment-only"],
