@@ -38,7 +38,7 @@ from mtl_jax.checkpoint import WHICH
 from mtl_jax.encoder import Tokenized, load_backbone
 from mtl_jax.errors import UserError
 from mtl_jax.inference import Trained, dev_dataset, evaluate_files, load_trained, predict_tokenized
-from mtl_jax.metrics import confusion_matrix, summarize
+from mtl_jax.metrics import eval_counts, summarize
 from mtl_jax.model import init_params
 from mtl_jax.presets import DATA_DIR_ENV, data_folder_tasks
 from mtl_jax.trees import first_difference, weighted_mean
@@ -203,19 +203,17 @@ def ensemble_scores(
             f"--data: no model of positive weight has task(s) {unscored}; drop them or add "
             "a model trained on them"
         )
-    scores = {}
+    counts = {}
     for task, total in summed.items():
-        _, seen = first[task]
         mean = total / sum(weight for _, weight in members[task])
-        cm = confusion_matrix(seen.gold, mean.argmax(-1), len(seen.labels))
-        scores[task] = summarize({task: cm})[task]
-        gold_probs = mean[np.arange(len(seen.gold)), seen.gold]
-        scores[task]["loss"] = float(-np.log(np.maximum(gold_probs, 1e-12)).mean())
+        # The log of the mean probabilities as logits: its softmax is the mean itself, so
+        # the evaluation's own counts give the confusion and the cross-entropy.
+        counts[task] = eval_counts(first[task][1].gold, np.log(np.maximum(mean, 1e-12)))
     return {
         "models": list(specs),
         "weights": weights,
         "ensemble": {task: [spec for spec, _ in pairs] for task, pairs in members.items()},
-        "scores": scores,
+        "scores": summarize(counts),
     }
 
 

@@ -434,11 +434,11 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert seed1 == dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=1))
     two_epochs = dataclasses.replace(seed1.train, epochs=2)
     assert configs["real-context2-2ep-seed1"] == dataclasses.replace(seed1, train=two_epochs)
-    small = configs["best-sentiment-only-batch16"]
-    assert small == dataclasses.replace(
-        configs["best-sentiment-only"],
+    alone = configs["best-sentiment-only"]
+    assert configs["best-sentiment-only-batch16"] == dataclasses.replace(
+        alone,
         train=dataclasses.replace(
-            configs["best-sentiment-only"].train,
+            alone.train,
             batch_size=16,
             learning_rate=7e-5,
             warmup_steps=400,
