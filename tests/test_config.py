@@ -434,6 +434,13 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert seed1 == dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=1))
     two_epochs = dataclasses.replace(seed1.train, epochs=2)
     assert configs["real-context2-2ep-seed1"] == dataclasses.replace(seed1, train=two_epochs)
+    two_epoch_preset = configs["real-context2-2ep"]
+    for row, train in (
+        ("real-context2-2ep-seed2", {"seed": 2}),
+        ("real-context2-2ep-uncertainty", {"uncertainty_weighting": True}),
+    ):
+        expected = dataclasses.replace(two_epoch_preset.train, **train)
+        assert configs[row] == dataclasses.replace(two_epoch_preset, train=expected), row
     alone = configs["best-sentiment-only"]
     assert configs["best-sentiment-only-batch16"] == dataclasses.replace(
         alone,
