@@ -253,10 +253,12 @@ ROWS = {
         *BEST, "tasks.sentiment.label_smoothing=0.1", tasks="sentiment"
     ),
     # Round 14: two neighbours per side for genre (+5.5 alone over three seeds) paid for
-    # with three epochs instead of four (genre peaks in its first; about 98 minutes at four).
+    # with three epochs instead of four (genre peaks in its first; about 98 minutes at four):
+    # the preset of rounds 14-15.
     "real-context2-3ep": preset(*GENRE_CONTEXT2, "train.epochs=3"),
     # ... and in two epochs: genre drifts down after its first epoch, the shorter schedule
     # anneals the rate while genre is near its peak (round 8 without windows: genre +5).
+    # The preset since round 16 (three draws of it end higher on both tasks than two of 3).
     "real-context2-2ep": preset(*GENRE_CONTEXT2, "train.epochs=2"),
     # Sentiment alone for one epoch without BERT's dropout (the heads draw none):
     # a deterministic fine-tune, against `best-sentiment-only` (89.8).
