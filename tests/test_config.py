@@ -433,6 +433,7 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         ("real-context2-3ep-seed1", {"epochs": 3, "seed": 1}),
         ("real-context2-2ep-seed1", {"seed": 1}),
         ("real-context2-2ep-seed2", {"seed": 2}),
+        ("real-context2-2ep-seed3", {"seed": 3}),
         ("real-context2-2ep-uncertainty", {"uncertainty_weighting": True}),
     ):
         expected = dataclasses.replace(preset.train, **train)
