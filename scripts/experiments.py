@@ -288,9 +288,11 @@ ROWS = {
     "real-context2-2ep-uncertainty": preset(
         *GENRE_CONTEXT2, "train.epochs=2", "train.uncertainty_weighting=true"
     ),
-    # The preset trains 2 epochs since; a fourth draw of it (genre's end over three draws is
-    # 41.2, one of them below 40).
-    "real-context2-2ep-seed3": preset(*GENRE_CONTEXT2, "train.epochs=2", "train.seed=3"),
+    # The preset trains 2 epochs since. The learned weights ended genre 3.9 points above
+    # the preset with the same seed (45.3 against 41.4), SST-2 level: a second draw.
+    "real-context2-2ep-uncertainty-seed1": preset(
+        *GENRE_CONTEXT2, "train.epochs=2", "train.uncertainty_weighting=true", "train.seed=1"
+    ),
 }
 
 
