@@ -97,6 +97,10 @@ PLUS_SENTENCES = Path("runs/data/sst2_phrases_plus_sentences/train.tsv")
 # texts, except that their 1.2 % of windows over 128 tokens were cut rather than fitted.
 GENRE_CONTEXT1 = ("tasks.genre.context=1", 'tasks.genre.source_column="source_id"')
 GENRE_CONTEXT2 = ("tasks.genre.context=2", 'tasks.genre.source_column="source_id"')
+# The two schedules the preset has had with genre's two neighbours per side: 3 epochs
+# (rounds 14-15) and 2 (since round 16). The rows pin them, whatever the preset becomes.
+CONTEXT2_3EP = (*GENRE_CONTEXT2, "train.epochs=3")
+CONTEXT2_2EP = (*GENRE_CONTEXT2, "train.epochs=2")
 
 
 def genre2_seeds(name: str, *sets: str) -> dict[str, list[str]]:
@@ -255,11 +259,11 @@ ROWS = {
     # Round 14: two neighbours per side for genre (+5.5 alone over three seeds) paid for
     # with three epochs instead of four (genre peaks in its first; about 98 minutes at four):
     # the preset of rounds 14-15.
-    "real-context2-3ep": preset(*GENRE_CONTEXT2, "train.epochs=3"),
+    "real-context2-3ep": preset(*CONTEXT2_3EP),
     # ... and in two epochs: genre drifts down after its first epoch, the shorter schedule
     # anneals the rate while genre is near its peak (round 8 without windows: genre +5).
     # The preset since round 16 (three draws of it end higher on both tasks than two of 3).
-    "real-context2-2ep": preset(*GENRE_CONTEXT2, "train.epochs=2"),
+    "real-context2-2ep": preset(*CONTEXT2_2EP),
     # Sentiment alone for one epoch without BERT's dropout (the heads draw none):
     # a deterministic fine-tune, against `best-sentiment-only` (89.8).
     "best-sentiment-only-nodropout": real(*BEST, "model.backbone_dropout=false", tasks="sentiment"),
@@ -267,8 +271,8 @@ ROWS = {
     "best-sentiment-only-head512": real(*BEST, "tasks.sentiment.hidden=[512]", tasks="sentiment"),
     # Round 15: a second draw of the round-14 preset (another shuffle, dropout and heads'
     # initial weights): how much of its end (88.8 / 41.0) is the draw; and of the 2-epoch one.
-    "real-context2-3ep-seed1": preset(*GENRE_CONTEXT2, "train.epochs=3", "train.seed=1"),
-    "real-context2-2ep-seed1": preset(*GENRE_CONTEXT2, "train.epochs=2", "train.seed=1"),
+    "real-context2-3ep-seed1": preset(*CONTEXT2_3EP, "train.seed=1"),
+    "real-context2-2ep-seed1": preset(*CONTEXT2_2EP, "train.seed=1"),
     # ... and half the batch on sentiment alone for one epoch, against `best-sentiment-only`
     # (89.8): twice the updates, the rate scaled by the square root, warmup and evaluations
     # at the same rows seen (round 13 measured four times the batch).
@@ -282,16 +286,14 @@ ROWS = {
     ),
     # Round 16: a third draw of the 2-epoch variant, to settle 2 or 3 epochs for the preset
     # (two draws each end level: 89.05 / 40.15 in 2 epochs, 88.8 / 39.4 in 3) ...
-    "real-context2-2ep-seed2": preset(*GENRE_CONTEXT2, "train.epochs=2", "train.seed=2"),
+    "real-context2-2ep-seed2": preset(*CONTEXT2_2EP, "train.seed=2"),
     # ... and the learned task weights in it (+0.7 SST-2 over 2 epochs without windows,
     # round 9; over 4 epochs they did not hold, round 10).
-    "real-context2-2ep-uncertainty": preset(
-        *GENRE_CONTEXT2, "train.epochs=2", "train.uncertainty_weighting=true"
-    ),
+    "real-context2-2ep-uncertainty": preset(*CONTEXT2_2EP, "train.uncertainty_weighting=true"),
     # The preset trains 2 epochs since. The learned weights ended genre 3.9 points above
     # the preset with the same seed (45.3 against 41.4), SST-2 level: a second draw.
     "real-context2-2ep-uncertainty-seed1": preset(
-        *GENRE_CONTEXT2, "train.epochs=2", "train.uncertainty_weighting=true", "train.seed=1"
+        *CONTEXT2_2EP, "train.uncertainty_weighting=true", "train.seed=1"
     ),
 }
 
