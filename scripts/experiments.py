@@ -295,6 +295,10 @@ ROWS = {
     "real-context2-2ep-uncertainty-seed1": preset(
         *CONTEXT2_2EP, "train.uncertainty_weighting=true", "train.seed=1"
     ),
+    # Round 17: multi- against single-task at the 2-epoch preset's budget, each task alone
+    # for the preset's 2 epochs of its own data (round 3's rows measured the 4-epoch one).
+    "real-context2-2ep-sentiment-only": preset(*CONTEXT2_2EP, tasks="sentiment"),
+    "real-context2-2ep-genre-only": preset(*CONTEXT2_2EP, tasks="genre"),
 }
 
 

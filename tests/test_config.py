@@ -437,6 +437,9 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     ):
         expected = dataclasses.replace(preset.train, **train)
         assert configs[row] == dataclasses.replace(preset, train=expected), row
+    for task in ("sentiment", "genre"):  # multi- against single-task at the preset's budget
+        single = configs[f"real-context2-2ep-{task}-only"]
+        assert single == dataclasses.replace(preset, tasks=(preset.task(task),)), task
     alone = configs["best-sentiment-only"]
     assert configs["best-sentiment-only-batch16"] == dataclasses.replace(
         alone,
