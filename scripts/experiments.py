@@ -299,6 +299,9 @@ ROWS = {
     # for the preset's 2 epochs of its own data (round 3's rows measured the 4-epoch one).
     "real-context2-2ep-sentiment-only": preset(*CONTEXT2_2EP, tasks="sentiment"),
     "real-context2-2ep-genre-only": preset(*CONTEXT2_2EP, tasks="genre"),
+    # ... and the preset computing in bfloat16, as the README suggests on a GPU or TPU
+    # (params and optimiser state stay float32): does it keep the scores?
+    "real-context2-2ep-bf16": preset(*CONTEXT2_2EP, 'model.dtype="bfloat16"'),
 }
 
 

@@ -440,6 +440,9 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     for task in ("sentiment", "genre"):  # multi- against single-task at the preset's budget
         single = configs[f"real-context2-2ep-{task}-only"]
         assert single == dataclasses.replace(preset, tasks=(preset.task(task),)), task
+    assert configs["real-context2-2ep-bf16"] == dataclasses.replace(
+        preset, model=dataclasses.replace(preset.model, dtype="bfloat16")
+    )
     alone = configs["best-sentiment-only"]
     assert configs["best-sentiment-only-batch16"] == dataclasses.replace(
         alone,
