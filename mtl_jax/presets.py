@@ -49,7 +49,7 @@ def real(data_dir: str | Path | None = None) -> Config:
     - full fine-tuning for 2 epochs, the backbone at 1e-4 after 200 warm-up steps (the heads
       at the default 1e-3): genre peaks in its first epoch and sentiment gains nothing
       from a third (over three draws 2 epochs end a little higher on both tasks than two
-      draws of 3), and the run takes about 48 minutes on a 2-core CPU;
+      draws of 3), and the run takes 46-48 minutes on a 2-core CPU;
     - class-balanced genre weights: about 4 macro-F1 points at no cost to SST-2;
     - genre reads each sentence with up to two sentences before and after it from the same
       Brown text (``context = 2`` by ``source_id``): one sentence often carries no genre,
