@@ -101,6 +101,8 @@ GENRE_CONTEXT2 = ("tasks.genre.context=2", 'tasks.genre.source_column="source_id
 # (rounds 14-15) and 2 (since round 16). The rows pin them, whatever the preset becomes.
 CONTEXT2_3EP = (*GENRE_CONTEXT2, "train.epochs=3")
 CONTEXT2_2EP = (*GENRE_CONTEXT2, "train.epochs=2")
+SENTENCES = f'tasks.sentiment.train_file="{DATA_DIR / "sst2" / "train.tsv"}"'
+SEED2_EXPORT = "runs/stage2/seed2-export"  # of real-context2-2ep-seed2 (end 89.4 / 43.2)
 
 
 def genre2_seeds(name: str, *sets: str) -> dict[str, list[str]]:
@@ -299,6 +301,35 @@ ROWS = {
     # for the preset's 2 epochs of its own data (round 3's rows measured the 4-epoch one).
     "real-context2-2ep-sentiment-only": preset(*CONTEXT2_2EP, tasks="sentiment"),
     "real-context2-2ep-genre-only": preset(*CONTEXT2_2EP, tasks="genre"),
+    # A last stage on SST-2's 6,920 training sentences (what dev is: whole sentences) after
+    # the preset: sentiment alone from an export of a finished preset run's encoder (its
+    # layers up to the pooled one, so the pooled layer is its last; the head starts anew),
+    # first run `mtl-jax export --checkpoint runs/experiments/ROW --output EXPORT`. Against
+    # as many more steps on the phrases. Run in runs/stage2/ (docs, round 17).
+    **{
+        f"stage2-{name}": preset(
+            f'model.backbone="{export}"',
+            "model.layer=-1",
+            "train.learning_rate=2e-5",
+            "train.warmup_steps=20",
+            *sets,
+            tasks="sentiment",
+        )
+        for name, export, sets in (
+            ("sentences-1ep", SEED2_EXPORT, (SENTENCES, "train.epochs=1", "train.eval_every=50")),
+            ("sentences-3ep", SEED2_EXPORT, (SENTENCES, "train.epochs=3", "train.eval_every=100")),
+            (
+                "phrases-651",
+                SEED2_EXPORT,
+                ("train.epochs=1", "train.max_steps=651", "train.eval_every=100"),
+            ),
+            (
+                "unc-seed1-sentences-3ep",
+                "runs/stage2/unc-seed1-export",  # of real-context2-2ep-uncertainty-seed1
+                (SENTENCES, "train.epochs=3", "train.eval_every=100"),
+            ),
+        )
+    },
     # ... and the preset computing in bfloat16, as the README suggests on a GPU or TPU
     # (params and optimiser state stay float32): does it keep the scores?
     "real-context2-2ep-bf16": preset(*CONTEXT2_2EP, 'model.dtype="bfloat16"'),

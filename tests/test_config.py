@@ -443,6 +443,16 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert configs["real-context2-2ep-bf16"] == dataclasses.replace(
         preset, model=dataclasses.replace(preset.model, dtype="bfloat16")
     )
+    stage2 = configs["stage2-sentences-3ep"]  # after the preset: its export, on sentences
+    assert stage2 == dataclasses.replace(
+        preset,
+        model=dataclasses.replace(preset.model, backbone=experiments.SEED2_EXPORT, layer=-1),
+        tasks=(dataclasses.replace(preset.task("sentiment"), train_file="data/sst2/train.tsv"),),
+        train=dataclasses.replace(
+            preset.train, epochs=3, learning_rate=2e-5, warmup_steps=20, eval_every=100
+        ),
+    )
+    assert configs["stage2-phrases-651"].task("sentiment") == preset.task("sentiment")
     alone = configs["best-sentiment-only"]
     assert configs["best-sentiment-only-batch16"] == dataclasses.replace(
         alone,
