@@ -47,11 +47,13 @@ ROUND11_SENTENCES = ("tasks.genre.context=0", 'tasks.genre.source_column=""')
 # Round 14 gave the preset three epochs (and genre two neighbours per side); the rows
 # measured before it keep the four epochs they trained with.
 ROUND13_EPOCHS = "train.epochs=4"
+# Sentiment on SST-2's 6,920 training sentences (the phrases are GLUE's 67k parts of them).
+SENTENCES = f'tasks.sentiment.train_file="{DATA_DIR / "sst2" / "train.tsv"}"'
 # The `real` preset as it was before round 3 (SST-2 sentences, backbone lr 2e-5, 3 epochs,
 # remat on): every study row starts from it, so each row's command still trains what it
 # trained when its numbers were measured, whatever the preset becomes.
 ROUND1_PRESET = (
-    f'tasks.sentiment.train_file="{DATA_DIR / "sst2" / "train.tsv"}"',
+    SENTENCES,
     'tasks.genre.class_weighting="none"',
     'data.mixing="proportional"',
     "model.remat=true",
@@ -101,8 +103,22 @@ GENRE_CONTEXT2 = ("tasks.genre.context=2", 'tasks.genre.source_column="source_id
 # (rounds 14-15) and 2 (since round 16). The rows pin them, whatever the preset becomes.
 CONTEXT2_3EP = (*GENRE_CONTEXT2, "train.epochs=3")
 CONTEXT2_2EP = (*GENRE_CONTEXT2, "train.epochs=2")
-SENTENCES = f'tasks.sentiment.train_file="{DATA_DIR / "sst2" / "train.tsv"}"'
+# Encoders of finished preset runs, exported for round 17's last stage (`mtl-jax export`).
 SEED2_EXPORT = "runs/stage2/seed2-export"  # of real-context2-2ep-seed2 (end 89.4 / 43.2)
+UNC_SEED1_EXPORT = "runs/stage2/unc-seed1-export"  # of real-context2-2ep-uncertainty-seed1
+
+
+def after_preset(export: str, *sets: str) -> list[str]:
+    """Sentiment alone on ``export`` (a finished preset run's encoder, exported up to its
+    pooled layer, so that layer is its last) from a new head, at a fine-tuning rate."""
+    return preset(
+        f'model.backbone="{export}"',
+        "model.layer=-1",
+        "train.learning_rate=2e-5",
+        "train.warmup_steps=20",
+        *sets,
+        tasks="sentiment",
+    )
 
 
 def genre2_seeds(name: str, *sets: str) -> dict[str, list[str]]:
@@ -302,34 +318,20 @@ ROWS = {
     "real-context2-2ep-sentiment-only": preset(*CONTEXT2_2EP, tasks="sentiment"),
     "real-context2-2ep-genre-only": preset(*CONTEXT2_2EP, tasks="genre"),
     # A last stage on SST-2's 6,920 training sentences (what dev is: whole sentences) after
-    # the preset: sentiment alone from an export of a finished preset run's encoder (its
-    # layers up to the pooled one, so the pooled layer is its last; the head starts anew),
-    # first run `mtl-jax export --checkpoint runs/experiments/ROW --output EXPORT`. Against
-    # as many more steps on the phrases. Run in runs/stage2/ (docs, round 17).
-    **{
-        f"stage2-{name}": preset(
-            f'model.backbone="{export}"',
-            "model.layer=-1",
-            "train.learning_rate=2e-5",
-            "train.warmup_steps=20",
-            *sets,
-            tasks="sentiment",
-        )
-        for name, export, sets in (
-            ("sentences-1ep", SEED2_EXPORT, (SENTENCES, "train.epochs=1", "train.eval_every=50")),
-            ("sentences-3ep", SEED2_EXPORT, (SENTENCES, "train.epochs=3", "train.eval_every=100")),
-            (
-                "phrases-651",
-                SEED2_EXPORT,
-                ("train.epochs=1", "train.max_steps=651", "train.eval_every=100"),
-            ),
-            (
-                "unc-seed1-sentences-3ep",
-                "runs/stage2/unc-seed1-export",  # of real-context2-2ep-uncertainty-seed1
-                (SENTENCES, "train.epochs=3", "train.eval_every=100"),
-            ),
-        )
-    },
+    # the preset, against as many more steps on the phrases; first run `mtl-jax export
+    # --checkpoint runs/experiments/ROW --output EXPORT`. Run in runs/stage2/ (round 17).
+    "stage2-sentences-1ep": after_preset(
+        SEED2_EXPORT, SENTENCES, "train.epochs=1", "train.eval_every=50"
+    ),
+    "stage2-sentences-3ep": after_preset(
+        SEED2_EXPORT, SENTENCES, "train.epochs=3", "train.eval_every=100"
+    ),
+    "stage2-phrases-651": after_preset(
+        SEED2_EXPORT, "train.epochs=1", "train.max_steps=651", "train.eval_every=100"
+    ),
+    "stage2-unc-seed1-sentences-3ep": after_preset(
+        UNC_SEED1_EXPORT, SENTENCES, "train.epochs=3", "train.eval_every=100"
+    ),
     # ... and the preset computing in bfloat16, as the README suggests on a GPU or TPU
     # (params and optimiser state stay float32): does it keep the scores?
     "real-context2-2ep-bf16": preset(*CONTEXT2_2EP, 'model.dtype="bfloat16"'),
