@@ -113,6 +113,7 @@ class TaskConfig:
     label_smoothing: float = 0.0  # train on targets with this share spread over all labels
     hidden: tuple[int, ...] = (128,)  # widths of the head's hidden blocks
     dropout: float = 0.0  # dropout after each hidden block of the head
+    own_layers: int = 0  # the encoder's top layers this task reads through its own copy
 
     @property
     def label_key(self) -> str:
@@ -150,6 +151,7 @@ class TaskConfig:
                     f"one weight per label ({len(labels)}: {list(labels)})",
                 ),
                 ("dropout", 0 <= self.dropout < 1, "a number in [0, 1)"),
+                ("own_layers", self.own_layers >= 0, "a number of top layers >= 0"),
                 ("label_smoothing", 0 <= self.label_smoothing < 1, "a number in [0, 1)"),
                 ("hidden", all(h > 0 for h in self.hidden), "positive widths"),
                 ("labels", len(set(labels)) == len(labels), "distinct names"),

@@ -86,10 +86,23 @@ def export_run(
     workdir, output = Path(workdir), Path(output)
     _check_output(output, workdir, force)
     trained = load_trained(str(workdir), which)
+    _check_exportable(trained, workdir)
     with _staged(output) as staging:
         files = write_export(trained, staging, workdir=workdir, which=which)
     n_layers = trained.model.n_layers
     return Exported(output, trained.step, which, n_layers, files)
+
+
+def _check_exportable(trained: Trained, workdir: Path) -> None:
+    """Refuse a run whose heads read more than the one encoder's pooled embedding."""
+    for task in trained.config.tasks:
+        if task.own_layers:
+            raise UserError(
+                f"{workdir}: task {task.name!r} reads its own copy of the encoder's top "
+                f"layers (tasks.{task.name}.own_layers = {task.own_layers}), which the "
+                "export's one encoder and heads over its pooled embedding cannot hold; "
+                "export a run trained without own_layers"
+            )
 
 
 def write_export(trained: Trained, directory: Path, workdir: Path, which: str) -> tuple[str, ...]:

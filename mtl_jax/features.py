@@ -45,6 +45,11 @@ def cache_blockers(config: Config) -> list[str]:
         reasons.append("model.backbone_dropout = true makes every forward pass different")
     if config.train.token_cutoff:
         reasons.append("train.token_cutoff > 0 hides different tokens at every step")
+    for task in config.tasks:
+        if task.own_layers:
+            reasons.append(
+                f"tasks.{task.name}.own_layers > 0 reads token states, not a pooled embedding"
+            )
     return reasons
 
 

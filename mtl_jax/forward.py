@@ -111,8 +111,10 @@ def pooled_in_chunks(
     chunk_rows: int,
     deterministic: bool,
     key: jax.Array | None,
-) -> jax.Array:
-    """The pooled embedding ``[B, hidden]`` of ``inputs``, ``chunk_rows`` rows at a time.
+) -> tuple[jax.Array, dict[int, jax.Array]]:
+    """What the heads read from ``inputs``, ``chunk_rows`` rows at a time: the pooled
+    embedding ``[B, hidden]`` and the token states a task's own top layers read (empty
+    without; :meth:`mtl_jax.model.MultiTaskModel.encode`).
 
     One ``lax.map`` iteration per chunk, so XLA keeps one chunk's activations at a time. No
     gradient reaches the backbone (it is stopped at the params, so no loop is
@@ -128,33 +130,55 @@ def pooled_in_chunks(
     def embed_chunk(index_and_chunk):
         index, chunk = index_and_chunk
         rngs = None if deterministic else {"dropout": jax.random.fold_in(key, index)}
-        embedding, _ = model.apply(
+        return model.apply(
             {"params": {"backbone": backbone_params}},
             chunk["input_ids"],
             chunk["attention_mask"],
             chunk["token_type_ids"],
             deterministic=deterministic,
-            method="embed",
+            method="encode_for_heads",
             rngs=rngs,
         )
-        return embedding
 
-    pooled = jax.lax.map(embed_chunk, (jnp.arange(n), stacked))  # [n, chunk_rows, hidden]
-    return pooled.swapaxes(0, 1).reshape(rows, -1)
-
-
-def _run_heads(module: Any, embedding: jax.Array, deterministic: bool):
-    return module.heads(embedding, deterministic=deterministic)
+    chunked = jax.lax.map(embed_chunk, (jnp.arange(n), stacked))  # [n, chunk_rows, ...]
+    return jax.tree_util.tree_map(lambda x: x.swapaxes(0, 1).reshape(rows, *x.shape[2:]), chunked)
 
 
-def heads_forward(model: Any, params: Any, embedding: jax.Array, train: bool, rngs):
+def _run_heads(module: Any, embedding, below, mask, deterministic, layers_deterministic):
+    return module.heads(
+        embedding,
+        deterministic=deterministic,
+        below=below,
+        mask=mask,
+        layers_deterministic=layers_deterministic,
+    )
+
+
+def heads_forward(
+    model: Any,
+    params: Any,
+    embedding: jax.Array,
+    train: bool,
+    rngs,
+    below: Mapping[int, jax.Array] | None = None,
+    mask: jax.Array | None = None,
+    layers_deterministic: bool | None = None,
+):
     """The heads alone on a pooled embedding: ``(logits per task, {"embedding"})``.
 
     They run at their own path inside the full model, so their dropout draws the same masks
-    as in a full forward with the same ``rngs``.
+    as in a full forward with the same ``rngs``. A task with its own top layers reads
+    ``below`` (:meth:`mtl_jax.model.MultiTaskModel.encode`) under ``mask``.
     """
     logits = model.apply(
-        {"params": {"heads": params["heads"]}}, embedding, not train, method=_run_heads, rngs=rngs
+        {"params": {"heads": params["heads"]}},
+        embedding,
+        below,
+        mask,
+        not train,
+        layers_deterministic,
+        method=_run_heads,
+        rngs=rngs,
     )
     return logits, {"embedding": embedding}
 
@@ -188,10 +212,11 @@ def model_forward(model: Any, config: Config | None = None) -> Forward:
         if chunk_rows < rows and not (train and train_backbone):
             deterministic = backbone_deterministic if train else True
             key = None if rngs is None else rngs.get("dropout")
-            embedding = pooled_in_chunks(
+            embedding, below = pooled_in_chunks(
                 model, params["backbone"], inputs, chunk_rows, deterministic, key
             )
-            return heads_forward(model, params, embedding, train, rngs)
+            mask = inputs["attention_mask"]
+            return heads_forward(model, params, embedding, train, rngs, below, mask, deterministic)
         return model.apply(
             {"params": model_params(params)},
             inputs["input_ids"],

@@ -8,7 +8,8 @@ schedule into one ``optax.multi_transform`` whose labels are the groups:
 
 * a group that never trains gets ``optax.set_to_zero()``: no Adam moments, no weight decay;
 * a group that trains gets AdamW with its own learning rate (layer-wise decay for the
-  backbone, ``head_learning_rate`` for heads and learned loss weights);
+  backbone, ``head_learning_rate`` for heads and learned loss weights, ``learning_rate``
+  for a task's own copy of the encoder's top layers, group ``head:<task>/own``);
 * a group that starts later (gradual unfreezing) is held by :mod:`mtl_jax.gate`, whose
   state carries the step counter, so the schedule runs inside one compiled step and never
   rebuilds the optimiser (which would reset the state of groups already training).
@@ -18,7 +19,8 @@ Strategies (``TrainConfig.freeze``, parsed once into a :class:`~mtl_jax.config.F
 * ``none``: everything trains.
 * ``all``: nothing trains (an evaluation or a dry run through the training loop).
 * ``backbone``: heads and loss weights train; embeddings and encoder layers are frozen.
-* ``head:<task>``: that task's head is frozen, everything else trains.
+* ``head:<task>``: that task's head (and its own top layers, if any) is frozen, everything
+  else trains.
 * ``top:<k>``: heads, loss weights and the top ``k`` encoder layers *that the model runs*
   train. ``k`` counts encoder layers only: the embeddings stay frozen for every ``k`` (use
   ``none`` to train them). A ``k`` above the layer count trains all layers, because the model
@@ -54,12 +56,14 @@ EMBEDDINGS = "embeddings"
 LOSS_WEIGHTS = "loss_weights"
 HEAD_PREFIX = "head:"
 LAYER_PREFIX = "layer_"
+OWN_SUFFIX = "/own"  # head:<task>/own: a task's own copy of the encoder's top layers
 
 # Group templates may refer to regex groups (``\1``), expanded with ``re.Match.expand``.
 DEFAULT_RULES: tuple[Rule, ...] = (
     (r"^backbone/embeddings/", EMBEDDINGS),
     (r"^backbone/encoder/layer/(\d+)/", LAYER_PREFIX + r"\1"),
-    (r"^heads/([^/]+)/", HEAD_PREFIX + r"\1"),
+    (r"^heads/([^/]+)/own/", HEAD_PREFIX + r"\1" + OWN_SUFFIX),
+    (r"^heads/([^/]+)/(?!own/)", HEAD_PREFIX + r"\1"),
     (r"^log_vars/", LOSS_WEIGHTS),
 )
 
@@ -131,6 +135,10 @@ def _is_head_side(group: str) -> bool:
     return group.startswith(HEAD_PREFIX) or group == LOSS_WEIGHTS
 
 
+def _is_own_layers(group: str) -> bool:
+    return group.startswith(HEAD_PREFIX) and group.endswith(OWN_SUFFIX)
+
+
 def _layers_top_down(groups: Iterable[str]) -> list[str]:
     """Encoder layer groups, the top layer (highest index) first."""
     layers = [g for g in groups if layer_index(g) is not None]
@@ -180,9 +188,9 @@ def unfreeze_schedule(
     if spec.kind == "head":
         frozen = HEAD_PREFIX + spec.head
         if frozen not in groups:
-            heads = [g for g in groups if g.startswith(HEAD_PREFIX)]
+            heads = [g for g in groups if g.startswith(HEAD_PREFIX) and not _is_own_layers(g)]
             raise UserError(f"config key 'train.freeze': '{spec}' is not one of {heads}")
-        return {g: None if g == frozen else 0 for g in groups}
+        return {g: None if g in (frozen, frozen + OWN_SUFFIX) else 0 for g in groups}
     if spec.kind == "top":
         trained = set(_layers_top_down(groups)[: spec.top_k])
         return {g: 0 if _is_head_side(g) or g in trained else None for g in groups}
@@ -239,15 +247,18 @@ def group_learning_rates(train_cfg: TrainConfig, groups: Iterable[str]) -> dict[
     Encoder layer ``i`` gets ``learning_rate * layer_lr_decay ** (top - i)`` where ``top`` is
     the highest layer present, and the embeddings one step below the bottom layer
     (``decay ** (top + 1)``): lower layers hold more general features and move less. Heads
-    and learned loss weights get ``head_learning_rate``. A group of custom rules that is
-    none of these gets the undecayed ``learning_rate``.
+    and learned loss weights get ``head_learning_rate``; a task's own copy of the top layers
+    (``head:<task>/own``) the top layer's ``learning_rate``, as the layers it copies. A group
+    of custom rules that is none of these gets the undecayed ``learning_rate``.
     """
     groups = sorted(set(groups))
     indices = [i for g in groups if (i := layer_index(g)) is not None]
     top = max(indices, default=-1)
     rates = {}
     for group in groups:
-        if _is_head_side(group):
+        if _is_own_layers(group):
+            rates[group] = train_cfg.learning_rate
+        elif _is_head_side(group):
             rates[group] = train_cfg.head_learning_rate
         elif (i := layer_index(group)) is not None:
             rates[group] = train_cfg.learning_rate * train_cfg.layer_lr_decay ** (top - i)

@@ -44,12 +44,20 @@ class MultiTaskModel(nn.Module):
     normalize: bool = False
     dtype: str = "float32"
     remat: bool = False
+    own_layers: tuple[tuple[str, int], ...] = ()  # (task, n): tasks with their own top n layers
 
     def setup(self):
         # bfloat16 on CPU: float32 activations, bf16 dense operands (mtl_jax.dots).
         backbone_dtype = "float32" if dots.wanted(self.dtype) else self.dtype
         self.backbone = bert_module(self.bert_config, self.n_layers, backbone_dtype, self.remat)
-        self.heads = TaskHeads(self.head_specs, dtype=jnp.dtype(self.dtype))
+        self.heads = TaskHeads(
+            self.head_specs,
+            dtype=jnp.dtype(self.dtype),
+            own_layers=self.own_layers,
+            bert_config=self.bert_config,
+            pooling=self.pooling,
+            normalize=self.normalize,
+        )
 
     def embed(
         self,
@@ -59,21 +67,52 @@ class MultiTaskModel(nn.Module):
         deterministic: bool = True,
     ) -> tuple[jax.Array, jax.Array]:
         """Pooled sentence embedding ``[batch, hidden]`` (float32) and token states."""
+        embedding, hidden, _ = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
+        return embedding, hidden
+
+    def encode(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, jax.Array, dict[int, jax.Array]]:
+        """:meth:`embed`'s outputs and what the heads read besides: ``{n: token states
+        entering the top n layers}`` for each ``n`` of ``own_layers`` (empty without)."""
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        depths = sorted({n for _, n in self.own_layers})
         with dots.bf16_operand_dense() if dots.wanted(self.dtype) else contextlib.nullcontext():
             out = self.backbone(
-                input_ids, attention_mask, token_type_ids, deterministic=deterministic
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                deterministic=deterministic,
+                output_hidden_states=bool(depths),
             )
         hidden = out.last_hidden_state
         embedding = pool(hidden, attention_mask, self.pooling)
         if self.normalize:
             embedding = l2_normalize(embedding)
-        return embedding, hidden
+        below = {n: out.hidden_states[self.n_layers - n] for n in depths}
+        return embedding, hidden, below
 
-    def init_heads(self, embedding: jax.Array) -> dict[str, jax.Array]:
-        """The heads alone on a pooled embedding (what :func:`init_params` initialises)."""
-        return self.heads(embedding, deterministic=True)
+    def encode_for_heads(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, dict[int, jax.Array]]:
+        """What the heads read: the pooled embedding and :meth:`encode`'s ``below``."""
+        embedding, _, below = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
+        return embedding, below
+
+    def init_heads(
+        self, embedding: jax.Array, below: dict[int, jax.Array], mask: jax.Array
+    ) -> dict[str, jax.Array]:
+        """The heads alone on what they read (what :func:`init_params` initialises)."""
+        return self.heads(embedding, deterministic=True, below=below, mask=mask)
 
     def __call__(
         self,
@@ -86,17 +125,24 @@ class MultiTaskModel(nn.Module):
     ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """Logits per task and ``aux = {"embedding", "hidden"}``.
 
-        ``train_backbone=False`` stops gradients at the pooled embedding so XLA drops the
+        ``train_backbone=False`` stops gradients at the pooled embedding (and the token
+        states a task's own layers read) so XLA drops the
         backbone's backward pass when no backbone parameter can change.
         """
         if backbone_deterministic is None:
             backbone_deterministic = deterministic
-        embedding, hidden = self.embed(
+        embedding, hidden, below = self.encode(
             input_ids, attention_mask, token_type_ids, deterministic=backbone_deterministic
         )
         if not train_backbone:
-            embedding = jax.lax.stop_gradient(embedding)
-        logits = self.heads(embedding, deterministic=deterministic)
+            embedding, below = jax.lax.stop_gradient((embedding, below))
+        logits = self.heads(
+            embedding,
+            deterministic=deterministic,
+            below=below,
+            mask=attention_mask,
+            layers_deterministic=backbone_deterministic,
+        )
         return logits, {"embedding": embedding, "hidden": hidden}
 
 
@@ -115,15 +161,30 @@ def head_specs(config: Config) -> tuple[tuple[str, tuple[int, ...], int, float],
 
 def build_model(config: Config, backbone: Backbone) -> MultiTaskModel:
     """The model a config describes, running only the layers its pooled layer needs."""
+    n_layers = layers_to_run(backbone.num_layers, config.model.layer)
     return MultiTaskModel(
         bert_config=frozen_bert_config(backbone.bert_config),
-        n_layers=layers_to_run(backbone.num_layers, config.model.layer),
+        n_layers=n_layers,
         head_specs=head_specs(config),
         pooling=config.model.pooling,
         normalize=config.model.normalize,
         dtype=config.model.dtype,
         remat=config.model.remat,
+        own_layers=own_layers(config, n_layers),
     )
+
+
+def own_layers(config: Config, n_layers: int) -> tuple[tuple[str, int], ...]:
+    """``(task, n)`` for each task reading its own copy of the top ``n`` of the ``n_layers``
+    layers the model runs (up to its pooled layer)."""
+    pairs = tuple((t.name, t.own_layers) for t in config.tasks if t.own_layers)
+    for name, n in pairs:
+        if n > n_layers:
+            raise UserError(
+                f"config key 'tasks.{name}.own_layers': {n}, but the model runs {n_layers} "
+                f"layers up to model.layer = {config.model.layer}; give at most {n_layers}"
+            )
+    return pairs
 
 
 def init_params(model: MultiTaskModel, key: jax.Array, backbone: Backbone) -> Params:
@@ -138,17 +199,39 @@ def init_params(model: MultiTaskModel, key: jax.Array, backbone: Backbone) -> Pa
     inputs = (ids, jnp.ones_like(ids), jnp.zeros_like(ids))
     if backbone.params is None:
         params = jax.jit(model.init)(key, *inputs)["params"]
-        return jax.tree_util.tree_map(np.asarray, nn.meta.unbox(params))
+        params = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(params))
+        return copy_own_layers(model, params)
     shapes = nn.meta.unbox(jax.eval_shape(model.init, key, *inputs)["params"])
     pretrained = truncate_params(backbone.params, model.n_layers)
     params = {"backbone": merge_pretrained(shapes["backbone"], pretrained)}
     if "heads" in shapes:
         hidden = json.loads(model.bert_config)["hidden_size"]
+        below = {n: jnp.zeros((1, 8, hidden), jnp.float32) for _, n in model.own_layers}
         heads = jax.jit(functools.partial(model.init, method=MultiTaskModel.init_heads))(
-            key, jnp.zeros((1, hidden), jnp.float32)
+            key, jnp.zeros((1, hidden), jnp.float32), below, inputs[1]
         )["params"]["heads"]
         params["heads"] = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(heads))
-    return params
+    return copy_own_layers(model, params)
+
+
+def copy_own_layers(model: MultiTaskModel, params: Params) -> Params:
+    """``params`` with each task's own top layers set to copies of the backbone's.
+
+    A task's own layers start as the layers they replace, so at step 0 every task reads the
+    same features it would read from the shared encoder.
+    """
+    if not model.own_layers:
+        return params
+    layers = params["backbone"]["encoder"]["layer"]
+    heads = dict(params["heads"])
+    for task, n in model.own_layers:
+        own = {
+            f"layer_{i}": jax.tree_util.tree_map(np.array, layers[str(model.n_layers - n + i)])
+            for i in range(n)
+        }
+        merged = merge_pretrained(heads[task]["own"], own, prefix=f"heads/{task}/own")
+        heads[task] = {**heads[task], "own": merged}
+    return {**params, "heads": heads}
 
 
 def merge_pretrained(fresh: Params, pretrained: Params, prefix: str = "backbone") -> Params:
