@@ -331,6 +331,12 @@ def pool(hidden: jax.Array, mask: jax.Array, method: str = "mean") -> jax.Array:
     raise UserError(f"config key 'model.pooling': unknown pooling {method!r} (mean|cls|max)")
 
 
+def pooled(hidden: jax.Array, mask: jax.Array, method: str, normalize: bool) -> jax.Array:
+    """:func:`pool`, then unit length when ``normalize``: the model's sentence embedding."""
+    embedding = pool(hidden, mask, method)
+    return l2_normalize(embedding) if normalize else embedding
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 

@@ -34,6 +34,7 @@ from mtl_jax.checkpoint import check_which
 from mtl_jax.data.context import context_key
 from mtl_jax.encoder import EXPORT_INFO_FILE, load_backbone, truncated_bert_config
 from mtl_jax.errors import UserError
+from mtl_jax.heads import TaskHeads
 from mtl_jax.inference import Trained, load_trained
 from mtl_jax.model_card import model_card
 from mtl_jax.safetensors_bert import pytorch_name
@@ -86,23 +87,10 @@ def export_run(
     workdir, output = Path(workdir), Path(output)
     _check_output(output, workdir, force)
     trained = load_trained(str(workdir), which)
-    _check_exportable(trained, workdir)
     with _staged(output) as staging:
         files = write_export(trained, staging, workdir=workdir, which=which)
     n_layers = trained.model.n_layers
     return Exported(output, trained.step, which, n_layers, files)
-
-
-def _check_exportable(trained: Trained, workdir: Path) -> None:
-    """Refuse a run whose heads read more than the one encoder's pooled embedding."""
-    for task in trained.config.tasks:
-        if task.own_layers:
-            raise UserError(
-                f"{workdir}: task {task.name!r} reads its own copy of the encoder's top "
-                f"layers (tasks.{task.name}.own_layers = {task.own_layers}), which the "
-                "export's one encoder and heads over its pooled embedding cannot hold; "
-                "export a run trained without own_layers"
-            )
 
 
 def write_export(trained: Trained, directory: Path, workdir: Path, which: str) -> tuple[str, ...]:
@@ -118,7 +106,7 @@ def write_export(trained: Trained, directory: Path, workdir: Path, which: str) -
     trained.tokenizer.save_pretrained(str(directory))
     _write_sentence_transformers(directory, config, bert_config)
     _save_safetensors(directory / HEADS_WEIGHTS, heads_state_dict(trained.params["heads"]))
-    heads = heads_layout(config, int(bert_config.hidden_size))
+    heads = heads_layout(config, int(bert_config.hidden_size), n_layers)
     _write_json(directory / HEADS_JSON, heads)
     full_layers = json.loads(trained.model.bert_config)["num_hidden_layers"]
     info = {
@@ -178,8 +166,14 @@ def _pytorch_layout(path: tuple[str, ...], value: Any) -> np.ndarray:
     return np.ascontiguousarray(array.T if path[-1] == "kernel" else array)
 
 
-def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
-    """Per task: labels in logit order and the layer sequence that computes the logits."""
+def heads_layout(config: Any, input_dim: int, n_layers: int) -> dict[str, Any]:
+    """Per task: labels in logit order and the layer sequence that computes the logits.
+
+    A task with its own top layers (``tasks.<task>.own_layers``) reads not the sentence
+    embedding but ``hidden_states[n_layers - own_layers]`` of the exported BERT (``n_layers``
+    layers), through its own ``BertLayer`` copies, then the run's pooling: its ``own`` entry
+    says which states, which tensors and which pooling.
+    """
     tasks = {}
     for task in config.tasks:
         layers: list[dict[str, Any]] = []
@@ -209,10 +203,20 @@ def heads_layout(config: Any, input_dim: int) -> dict[str, Any]:
             # sentences before and after it from the same source_column text
             "context": context,
             "source_column": source_column,
+            "own_layers": task.own_layers,
         }
+        if task.own_layers:
+            tasks[task.name]["own"] = {
+                "hidden_state": n_layers - task.own_layers,
+                "layers": [f"{task.name}.own.layer_{i}" for i in range(task.own_layers)],
+                "layer_type": "transformers BertLayer of this directory's config.json",
+                "pooling": config.model.pooling,
+                "normalize": config.model.normalize,
+            }
     return {
         "input": "the sentence embedding (SentenceTransformer(DIR).encode(texts)); of each "
-        "sentence's window for a task with context > 0",
+        "sentence's window for a task with context > 0; for a task with own_layers > 0, its "
+        "own pooled output of hidden_states[own.hidden_state] (see own)",
         "input_dim": input_dim,
         "weights": HEADS_WEIGHTS,
         "weight_layout": "PyTorch nn.Linear: weight [out_features, in_features]",
@@ -230,10 +234,12 @@ def _linear(name: str, fan_in: int, fan_out: int) -> dict[str, Any]:
     }
 
 
-def load_heads(directory: str | Path) -> tuple[dict[str, list[str]], tuple, Params]:
-    """An export's heads back in mtl_jax form: labels, ``TaskHeads`` specs and Flax params.
+def load_heads(directory: str | Path) -> tuple[dict[str, list[str]], TaskHeads, Params]:
+    """An export's heads back in mtl_jax form: labels, the ``TaskHeads`` module and its params.
 
-    ``TaskHeads(specs).apply({"params": params}, embeddings)`` gives the run's logits.
+    ``heads.apply({"params": params}, embeddings)`` gives the run's logits; a task with its
+    own top layers also needs ``below={n: hidden_states[own.hidden_state]}`` and ``mask``
+    (:meth:`mtl_jax.model.MultiTaskModel.encode`).
     """
     from safetensors.numpy import load_file
 
@@ -243,9 +249,9 @@ def load_heads(directory: str | Path) -> tuple[dict[str, list[str]], tuple, Para
     flat = {}
     for name, value in tensors.items():
         *stem, leaf = name.split(".")
-        is_dense = stem[-1] == "out" or stem[-1].startswith("dense_")
+        is_norm = stem[-1] == "LayerNorm" or stem[-1].startswith("norm_")
         if leaf == "weight":
-            leaf, value = ("kernel", value.T) if is_dense else ("scale", value)
+            leaf, value = ("scale", value) if is_norm else ("kernel", value.T)
         flat[(*stem, leaf)] = np.ascontiguousarray(value)
     tasks = layout["tasks"]
     labels = {name: list(task["labels"]) for name, task in tasks.items()}
@@ -253,7 +259,16 @@ def load_heads(directory: str | Path) -> tuple[dict[str, list[str]], tuple, Para
         (name, tuple(task["hidden"]), len(task["labels"]), float(task["dropout"]))
         for name, task in tasks.items()
     )
-    return labels, specs, unflatten_dict(flat)
+    own = tuple((name, t["own_layers"]) for name, t in tasks.items() if t.get("own_layers"))
+    pooling = next((tasks[name]["own"] for name, _ in own), {})
+    heads = TaskHeads(
+        specs,
+        own_layers=own,
+        bert_config=(directory / "config.json").read_text(encoding="utf-8") if own else "",
+        pooling=pooling.get("pooling", "mean"),
+        normalize=pooling.get("normalize", False),
+    )
+    return labels, heads, unflatten_dict(flat)
 
 
 # -- the pooler ----------------------------------------------------------------------------------

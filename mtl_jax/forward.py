@@ -164,11 +164,12 @@ def heads_forward(
     mask: jax.Array | None = None,
     layers_deterministic: bool | None = None,
 ):
-    """The heads alone on a pooled embedding: ``(logits per task, {"embedding"})``.
+    """The heads alone on what they read: ``(logits per task, {"embedding"})``.
 
     They run at their own path inside the full model, so their dropout draws the same masks
     as in a full forward with the same ``rngs``. A task with its own top layers reads
-    ``below`` (:meth:`mtl_jax.model.MultiTaskModel.encode`) under ``mask``.
+    ``below`` (:meth:`mtl_jax.model.MultiTaskModel.encode`) under ``mask``, all rows in one
+    pass (its layers' activations are one layer's of the whole batch, not one chunk's).
     """
     logits = model.apply(
         {"params": {"heads": params["heads"]}},

@@ -19,6 +19,8 @@ Strategies (``TrainConfig.freeze``, parsed once into a :class:`~mtl_jax.config.F
 * ``none``: everything trains.
 * ``all``: nothing trains (an evaluation or a dry run through the training loop).
 * ``backbone``: heads and loss weights train; embeddings and encoder layers are frozen.
+  A task's own copy of the top layers (``head:<task>/own``) belongs to its head here and
+  under ``top:<k>``: it trains.
 * ``head:<task>``: that task's head (and its own top layers, if any) is frozen, everything
   else trains.
 * ``top:<k>``: heads, loss weights and the top ``k`` encoder layers *that the model runs*
@@ -28,7 +30,8 @@ Strategies (``TrainConfig.freeze``, parsed once into a :class:`~mtl_jax.config.F
   6-layer MiniLM runs 5), and ``top:6`` written for that checkpoint means "all of them".
   ``top:0`` is the same as ``backbone``.
 * ``gradual``: ULMFiT-style top-down unfreezing. Heads and loss weights train from step 0;
-  the top encoder layer joins after ``unfreeze_every`` units, the next one after
+  the top encoder layer (and every task's own copy of the top layers) joins after
+  ``unfreeze_every`` units, the next one after
   ``2 * unfreeze_every`` and so on; the embeddings join last, one period after the bottom
   layer. A unit is an epoch (``steps_per_epoch`` steps) or a step (``unfreeze_unit``).
 """
@@ -200,6 +203,8 @@ def unfreeze_schedule(
     layers = _layers_top_down(groups)
     for rank, group in enumerate(layers):
         schedule[group] = (rank + 1) * every_steps
+    for group in filter(_is_own_layers, groups):  # copies of the top layers join with it
+        schedule[group] = every_steps
     if EMBEDDINGS in groups:
         schedule[EMBEDDINGS] = (len(layers) + 1) * every_steps
     return {g: schedule[g] for g in groups}
@@ -248,7 +253,7 @@ def group_learning_rates(train_cfg: TrainConfig, groups: Iterable[str]) -> dict[
     the highest layer present, and the embeddings one step below the bottom layer
     (``decay ** (top + 1)``): lower layers hold more general features and move less. Heads
     and learned loss weights get ``head_learning_rate``; a task's own copy of the top layers
-    (``head:<task>/own``) the top layer's ``learning_rate``, as the layers it copies. A group
+    (``head:<task>/own``, all of them) the top layer's, ``learning_rate``. A group
     of custom rules that is none of these gets the undecayed ``learning_rate``.
     """
     groups = sorted(set(groups))

@@ -3,6 +3,7 @@ copy of the encoder's top layers (``tasks.<task>.own_layers``)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
 
-from mtl_jax.encoder import l2_normalize, pool, truncated_bert_config
+from mtl_jax import dots
+from mtl_jax.encoder import pooled, truncated_bert_config
 
 
 class OwnLayers(nn.Module):
@@ -19,7 +21,8 @@ class OwnLayers(nn.Module):
     Token states ``[B, T, hidden]`` entering the top ``n`` layers -> those layers (BERT's,
     named ``layer_<i>``; :func:`mtl_jax.model.init_params` copies the pretrained ones in) ->
     one pooled vector per row. Only its task trains them: the other tasks' gradients never
-    move the features this task reads last.
+    move the features this task reads last. bfloat16 on CPU computes as the backbone does
+    (float32 activations, bf16 dense operands: :mod:`mtl_jax.dots`).
     """
 
     n: int
@@ -31,11 +34,13 @@ class OwnLayers(nn.Module):
     @nn.compact
     def __call__(self, states: jax.Array, mask: jax.Array, deterministic: bool = True):
         config = truncated_bert_config(self.bert_config, self.n)
-        for i in range(self.n):
-            layer = FlaxBertLayer(config, dtype=self.dtype, name=f"layer_{i}")
-            states = layer(states, mask, None, deterministic=deterministic)[0]
-        embedding = pool(states, mask, self.pooling)
-        return l2_normalize(embedding) if self.normalize else embedding
+        cpu_bf16 = dots.wanted(self.dtype)
+        dtype = jnp.float32 if cpu_bf16 else self.dtype
+        with dots.bf16_operand_dense() if cpu_bf16 else contextlib.nullcontext():
+            for i in range(self.n):
+                layer = FlaxBertLayer(config, dtype=dtype, name=f"layer_{i}")
+                states = layer(states, mask, None, deterministic=deterministic)[0]
+        return pooled(states, mask, self.pooling, self.normalize)
 
 
 class MLPHead(nn.Module):

@@ -120,7 +120,7 @@ class Trained:
 
     def encoder(self, normalize: bool = False, max_length: int | None = None) -> SentenceEncoder:
         """The fine-tuned backbone as a :class:`SentenceEncoder` (its layer, pooling, dtype)."""
-        model = dataclasses.replace(self.model, head_specs=(), normalize=normalize)
+        model = dataclasses.replace(self.model, head_specs=(), own_layers=(), normalize=normalize)
         max_length = max_length or self.config.model.max_length
         return SentenceEncoder(
             model, {"backbone": self.params["backbone"]}, self.tokenizer, max_length

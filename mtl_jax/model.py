@@ -24,9 +24,8 @@ from mtl_jax.encoder import (
     Backbone,
     bert_module,
     frozen_bert_config,
-    l2_normalize,
     layers_to_run,
-    pool,
+    pooled,
     truncate_params,
 )
 from mtl_jax.errors import UserError
@@ -91,9 +90,7 @@ class MultiTaskModel(nn.Module):
                 output_hidden_states=bool(depths),
             )
         hidden = out.last_hidden_state
-        embedding = pool(hidden, attention_mask, self.pooling)
-        if self.normalize:
-            embedding = l2_normalize(embedding)
+        embedding = pooled(hidden, attention_mask, self.pooling, self.normalize)
         below = {n: out.hidden_states[self.n_layers - n] for n in depths}
         return embedding, hidden, below
 
@@ -170,11 +167,11 @@ def build_model(config: Config, backbone: Backbone) -> MultiTaskModel:
         normalize=config.model.normalize,
         dtype=config.model.dtype,
         remat=config.model.remat,
-        own_layers=own_layers(config, n_layers),
+        own_layers=own_layer_pairs(config, n_layers),
     )
 
 
-def own_layers(config: Config, n_layers: int) -> tuple[tuple[str, int], ...]:
+def own_layer_pairs(config: Config, n_layers: int) -> tuple[tuple[str, int], ...]:
     """``(task, n)`` for each task reading its own copy of the top ``n`` of the ``n_layers``
     layers the model runs (up to its pooled layer)."""
     pairs = tuple((t.name, t.own_layers) for t in config.tasks if t.own_layers)

@@ -82,6 +82,8 @@ def _task_lines(config: Config, heads: dict[str, Any]) -> list[str]:
     for task in config.tasks:
         layout = heads["tasks"][task.name]
         head = " -> ".join(str(w) for w in [heads["input_dim"], *layout["hidden"], task.num_labels])
+        if task.own_layers:
+            head = f"its own copy of the top {task.own_layers} layer(s), pooled -> " + head
         if synthetic:
             train = f"built-in synthetic sentences ({config.data.synthetic_train_rows} rows)"
             dev = f"built-in synthetic sentences ({config.data.synthetic_dev_rows} rows)"
@@ -138,7 +140,7 @@ def _score_lines(workdir: Path, step: int, config: Config, averaged: bool = Fals
 
 
 def _usage_lines(heads: dict[str, Any]) -> list[str]:
-    task = next(iter(heads["tasks"]), "TASK")
+    task = next((t for t, v in heads["tasks"].items() if not v["own_layers"]), "TASK")
     return [
         "Sentence embeddings with sentence-transformers (PyTorch):",
         "",
@@ -187,8 +189,62 @@ def _usage_lines(heads: dict[str, Any]) -> list[str]:
         f'label = layout["tasks"]["{task}"]["labels"][int(logits.argmax(-1)[0])]',
         "```",
         "",
+        *_own_layers_lines(heads),
         "With mtl_jax: `mtl-jax embed --model path/to/this/dir --input FILE --output OUT.npy`",
         "(it reads the pooling and normalisation above from `mtl_jax.json`), or",
         '`backbone = "path/to/this/dir"` with `layer = -1` in a config to train from it; the',
-        "heads: `mtl_jax.export.load_heads(dir)` gives labels, `TaskHeads` specs and params.",
+        "heads: `mtl_jax.export.load_heads(dir)` gives labels, the `TaskHeads` and their params.",
+    ]
+
+
+POOLING_LINES = {
+    "mean": [
+        '    m = batch["attention_mask"].unsqueeze(-1).float()',
+        "    pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)",
+    ],
+    "max": [
+        '    m = batch["attention_mask"].unsqueeze(-1).bool()',
+        "    pooled = states.masked_fill(~m, float('-inf')).max(1).values",
+    ],
+    "cls": ["    pooled = states[:, 0]"],
+}
+
+
+def _own_layers_lines(heads: dict[str, Any]) -> list[str]:
+    """How a task with its own top layers reads a sentence, in PyTorch (none without)."""
+    own = {task: v["own"] for task, v in heads["tasks"].items() if v["own_layers"]}
+    if not own:
+        return []
+    task, spec = next(iter(own.items()))
+    normalize = ["    pooled = torch.nn.functional.normalize(pooled, dim=-1)"]
+    return [
+        f"{', '.join(own)} read(s) its own copy of the encoder's top layers instead of the "
+        "embedding: the BERT's `hidden_states[own.hidden_state]`, its own `BertLayer`s, the "
+        "same pooling, then `head(task)` as above:",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer",
+        "from transformers.models.bert.modeling_bert import BertLayer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
+        "",
+        "def own_pooled(task, texts):",
+        '    spec = layout["tasks"][task]["own"]',
+        '    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")',
+        "    with torch.no_grad():",
+        "        out = bert(**batch, output_hidden_states=True)",
+        '        states = out.hidden_states[spec["hidden_state"]]',
+        '        mask = bert.get_extended_attention_mask(batch["attention_mask"], states.shape[:2])',
+        '        for prefix in spec["layers"]:',
+        "            layer = BertLayer(bert.config).eval()",
+        '            own = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}',
+        "            layer.load_state_dict(own)",
+        "            states = layer(states, attention_mask=mask)[0]",
+        *POOLING_LINES[spec["pooling"]],
+        *(normalize if spec["normalize"] else []),
+        "    return pooled",
+        "",
+        f'logits = head("{task}")(own_pooled("{task}", ["A quiet night in town."]))',
+        "```",
+        "",
     ]

@@ -443,6 +443,16 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     assert configs["real-context2-2ep-bf16"] == dataclasses.replace(
         preset, model=dataclasses.replace(preset.model, dtype="bfloat16")
     )
+    own = dataclasses.replace(preset.task("genre"), own_layers=1)  # genre's own top layer
+    for name, seed in (
+        ("real-context2-2ep-genre-own1", 0),
+        ("real-context2-2ep-genre-own1-seed1", 1),
+    ):
+        assert configs[name] == dataclasses.replace(
+            preset,
+            tasks=(own, preset.task("sentiment")),
+            train=dataclasses.replace(preset.train, seed=seed),
+        ), name
     stage2 = configs["stage2-sentences-3ep"]  # after the preset: its export, on sentences
     assert stage2 == dataclasses.replace(
         preset,

@@ -218,16 +218,16 @@ def test_heads_and_labels_round_trip(run, exported):
     assert tensors["genre.norm_0.weight"].shape == (256,)
 
     trained = load_trained(str(run))
-    labels, specs, params = export.load_heads(exported)
+    labels, heads, params = export.load_heads(exported)
     assert labels == {t.name: list(t.labels) for t in trained.config.tasks}
-    assert specs == trained.model.head_specs
+    assert heads == TaskHeads(trained.model.head_specs)
     got, want = flatten_dict(params), flatten_dict(trained.params["heads"])
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value, err_msg=str(key))
 
     embeddings = trained.encoder().embed(TEXTS).embeddings
-    logits = TaskHeads(specs).apply({"params": params}, embeddings)
+    logits = heads.apply({"params": params}, embeddings)
     model_logits = trained.model.apply(  # the run's own heads on the same embeddings
         {"params": trained.params}, embeddings, method=lambda m, e: m.heads(e)
     )

@@ -8,16 +8,19 @@ the shared layer 1.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from mtl_jax import cli, features, freezing
+from mtl_jax import export, features, freezing
 from mtl_jax import forward as forward_lib
 from mtl_jax.config import TrainConfig
+from mtl_jax.encoder import bert_module, frozen_bert_config, load_backbone, pool
 from mtl_jax.errors import UserError
 from mtl_jax.forward import forward_chunk_rows, model_forward
 from mtl_jax.inference import load_trained, predict_texts
@@ -63,6 +66,57 @@ def test_own_layers_start_as_copies_so_every_task_reads_what_it_read(
     shared, _ = model_forward(tiny_model)(tiny_params, batch, False, None)
     for task in shared:
         np.testing.assert_allclose(logits[task], shared[task], rtol=1e-5, atol=1e-6)
+
+
+def test_own_layers_compute_as_the_shared_ones_in_bfloat16(own, tiny_config, tiny_backbone):
+    """On CPU, bf16 dense operands under float32 activations (mtl_jax.dots), as the backbone."""
+    config, _, params = own
+    bf16 = dataclasses.replace(config.model, dtype="bfloat16")
+    model = build_model(dataclasses.replace(config, model=bf16), tiny_backbone)
+    shared = build_model(dataclasses.replace(tiny_config, model=bf16), tiny_backbone)
+    batch = make_fake_batch(config, seed=1)
+    logits, _ = model_forward(model)(params, batch, False, None)
+    heads = {k: v for k, v in params["heads"].items()}
+    heads["genre"] = {k: v for k, v in heads["genre"].items() if k != "own"}
+    want, _ = model_forward(shared)(
+        {"backbone": params["backbone"], "heads": heads}, batch, False, None
+    )
+    for task in want:
+        np.testing.assert_allclose(logits[task], want[task], rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_init_copies_the_pretrained_top_layer(own, tiny_backbone):
+    config, model, _ = own
+    weights = perturbed(init_params(model, jax.random.key(0), tiny_backbone)["backbone"], 3)
+    pretrained = dataclasses.replace(tiny_backbone, params=weights)
+    params = init_params(model, jax.random.key(0), pretrained)
+    chex.assert_trees_all_equal(params["backbone"], weights)
+    chex.assert_trees_all_equal(
+        params["heads"]["genre"]["own"]["layer_0"], weights["encoder"]["layer"]["1"]
+    )
+
+
+@pytest.mark.parametrize("backbone_dropout", [False, True])
+def test_own_layers_draw_dropout_exactly_when_the_backbone_does(own, backbone_dropout):
+    """Training with BERT's dropout off, genre's own layer is as deterministic as the shared
+    ones (the heads' own dropout off here): the training forward is the evaluation one."""
+    config, model, params = own
+    tasks = tuple(dataclasses.replace(t, dropout=0.0) for t in config.tasks)
+    model_config = dataclasses.replace(config.model, backbone_dropout=backbone_dropout)
+    config = dataclasses.replace(config, tasks=tasks, model=model_config)
+    model = dataclasses.replace(model, head_specs=tuple((*s[:3], 0.0) for s in model.head_specs))
+    batch = make_fake_batch(config, seed=8)
+    trained, _ = model_forward(model, config)(params, batch, True, {"dropout": jax.random.key(4)})
+    evaluated, _ = model_forward(model, config)(params, batch, False, None)
+    same = np.allclose(trained["genre"], evaluated["genre"], rtol=1e-6, atol=1e-6)
+    assert same is not backbone_dropout
+
+
+def test_gradual_unfreezing_opens_the_own_copy_with_the_top_layer(own):
+    _, _, params = own
+    names = freezing.group_names(freezing.param_groups(params))
+    schedule = freezing.unfreeze_schedule("gradual", names, every_steps=2)
+    assert schedule["head:genre/own"] == schedule["layer_1"] == 2 and schedule["head:genre"] == 0
 
 
 def _grads(model, params, batch, task):
@@ -167,7 +221,9 @@ def test_own_layers_train_from_token_states_never_from_the_cache(tiny_config):
     assert any("tasks.genre.own_layers" in r for r in features.cache_blockers(config))
 
 
-def test_a_run_with_own_layers_restores_predicts_and_refuses_export(own, tmp_path, capsys):
+def test_a_run_with_own_layers_restores_predicts_and_exports(own, tmp_path):
+    """The export's BERT gives the states its heads.json names; the exported heads, on them,
+    give the run's logits."""
     config, _, params = own
     run = make_run(tmp_path / "run", tasks=config.tasks)
     trained = load_trained(str(run))
@@ -175,9 +231,35 @@ def test_a_run_with_own_layers_restores_predicts_and_refuses_export(own, tmp_pat
     records = predict_texts(trained, ["the ship sailed on", "a kiss"])
     assert [sorted(r) for r in records] == [["genre", "sentiment", "text"]] * 2
 
-    output = tmp_path / "exported"
-    code = cli.main(["export", "--checkpoint", str(run), "--output", str(output)])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1, err
-    assert "tasks.genre.own_layers = 1" in err and "export a run trained without" in err
-    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    output = export.export_run(run, tmp_path / "exported").output
+    layout = json.loads((output / "heads.json").read_text(encoding="utf-8"))
+    genre, sentiment = layout["tasks"]["genre"], layout["tasks"]["sentiment"]
+    assert genre["own_layers"] == 1 and sentiment["own_layers"] == 0 and "own" not in sentiment
+    assert genre["own"]["hidden_state"] == 1 and genre["own"]["layers"] == ["genre.own.layer_0"]
+    tensors = load_file(str(output / "heads.safetensors"))
+    query = tensors["genre.own.layer_0.attention.self.query.weight"]  # PyTorch [out, in]
+    kernel = trained.params["heads"]["genre"]["own"]["layer_0"]["attention"]["self"]["query"]
+    np.testing.assert_array_equal(query, np.asarray(kernel["kernel"]).T)
+    card = (output / "README.md").read_text(encoding="utf-8")
+    assert "its own copy of the top 1 layer(s)" in card and "BertLayer(bert.config)" in card
+
+    exported = load_backbone(str(output))
+    bert = bert_module(frozen_bert_config(exported.bert_config), exported.num_layers)
+    batch = make_fake_batch(config, seed=6)
+    states = bert.apply(
+        {"params": {k: v for k, v in exported.params.items() if k != "pooler"}},
+        batch["input_ids"],
+        batch["attention_mask"],
+        np.zeros_like(batch["input_ids"]),
+        output_hidden_states=True,
+    ).hidden_states
+    labels, heads, head_params = export.load_heads(output)
+    chex.assert_trees_all_equal(head_params, jax.tree.map(np.asarray, trained.params["heads"]))
+    embedding = pool(states[-1], batch["attention_mask"])
+    below = {1: states[genre["own"]["hidden_state"]]}
+    logits = heads.apply(
+        {"params": head_params}, embedding, below=below, mask=batch["attention_mask"]
+    )
+    want, _ = model_forward(trained.model)(trained.params, batch, False, None)
+    for task in labels:
+        np.testing.assert_allclose(logits[task], want[task], rtol=1e-5, atol=1e-5)
