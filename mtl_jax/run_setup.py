@@ -191,10 +191,10 @@ def setup_run(
     backbone = backbone or load_backbone(config.model.backbone)
     run_data = run_data or load_run_data(config, backbone.tokenizer)
     config = run_data.config
+    model = build_model(config, backbone)  # its config errors before the workdir holds a run
     if main:
         write_run_files(workdir, config, backbone.bert_config, backbone.tokenizer)
 
-    model = build_model(config, backbone)
     init_key, train_key = run_keys(config)
     spe = data_lib.steps_per_epoch(run_data.train, config)
     n_steps = total_steps(config, spe)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mtl_jax import export, features, freezing
+from mtl_jax import cli, export, features, freezing
 from mtl_jax import forward as forward_lib
 from mtl_jax.config import TrainConfig
 from mtl_jax.encoder import bert_module, frozen_bert_config, load_backbone, pool
@@ -263,3 +263,13 @@ def test_a_run_with_own_layers_restores_predicts_and_exports(own, tmp_path):
     want, _ = model_forward(trained.model)(trained.params, batch, False, None)
     for task in labels:
         np.testing.assert_allclose(logits[task], want[task], rtol=1e-5, atol=1e-5)
+
+
+def test_too_many_own_layers_stop_a_run_before_its_workdir_holds_one(tmp_path, capsys):
+    """One line naming the key; the workdir stays free for the corrected command."""
+    workdir = tmp_path / "run"
+    argv = ["train", "--preset", "demo", "--set", 'model.backbone="tiny"', "--workdir"]
+    code = cli.main([*argv, str(workdir), "--set", "tasks.genre.own_layers=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "tasks.genre.own_layers': 3" in err, err
+    assert not (workdir / "config.json").exists()
