@@ -447,6 +447,7 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     for name, seed in (
         ("real-context2-2ep-genre-own1", 0),
         ("real-context2-2ep-genre-own1-seed1", 1),
+        ("real-context2-2ep-genre-own1-seed2", 2),
     ):
         assert configs[name] == dataclasses.replace(
             preset,
