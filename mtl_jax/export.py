@@ -32,7 +32,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mtl_jax.checkpoint import check_which
 from mtl_jax.data.context import context_key
-from mtl_jax.encoder import EXPORT_INFO_FILE, load_backbone, truncated_bert_config
+from mtl_jax.encoder import (
+    EXPORT_INFO_FILE,
+    embedding_defaults,
+    load_backbone,
+    truncated_bert_config,
+)
 from mtl_jax.errors import UserError
 from mtl_jax.heads import TaskHeads
 from mtl_jax.inference import Trained, load_trained
@@ -260,13 +265,13 @@ def load_heads(directory: str | Path) -> tuple[dict[str, list[str]], TaskHeads, 
         for name, task in tasks.items()
     )
     own = tuple((name, t["own_layers"]) for name, t in tasks.items() if t.get("own_layers"))
-    pooling = next((tasks[name]["own"] for name, _ in own), {})
+    embedding = embedding_defaults(str(directory))  # the run's pooling, from mtl_jax.json
     heads = TaskHeads(
         specs,
         own_layers=own,
         bert_config=(directory / "config.json").read_text(encoding="utf-8") if own else "",
-        pooling=pooling.get("pooling", "mean"),
-        normalize=pooling.get("normalize", False),
+        pooling=embedding.pooling,
+        normalize=embedding.normalize,
     )
     return labels, heads, unflatten_dict(flat)
 

@@ -136,12 +136,18 @@ def pooled_in_chunks(
             chunk["attention_mask"],
             chunk["token_type_ids"],
             deterministic=deterministic,
-            method="encode_for_heads",
+            method=_heads_inputs,
             rngs=rngs,
         )
 
     chunked = jax.lax.map(embed_chunk, (jnp.arange(n), stacked))  # [n, chunk_rows, ...]
     return jax.tree_util.tree_map(lambda x: x.swapaxes(0, 1).reshape(rows, *x.shape[2:]), chunked)
+
+
+def _heads_inputs(module: Any, *inputs, deterministic: bool):
+    """What the heads read (no last-layer token states, which a chunk need not return)."""
+    embedding, _, below = module.encode(*inputs, deterministic=deterministic)
+    return embedding, below
 
 
 def _run_heads(module: Any, embedding, below, mask, deterministic, layers_deterministic):

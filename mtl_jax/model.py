@@ -94,17 +94,6 @@ class MultiTaskModel(nn.Module):
         below = {n: out.hidden_states[self.n_layers - n] for n in depths}
         return embedding, hidden, below
 
-    def encode_for_heads(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array,
-        token_type_ids: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> tuple[jax.Array, dict[int, jax.Array]]:
-        """What the heads read: the pooled embedding and :meth:`encode`'s ``below``."""
-        embedding, _, below = self.encode(input_ids, attention_mask, token_type_ids, deterministic)
-        return embedding, below
-
     def init_heads(
         self, embedding: jax.Array, below: dict[int, jax.Array], mask: jax.Array
     ) -> dict[str, jax.Array]:
