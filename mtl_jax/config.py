@@ -234,6 +234,7 @@ class TrainConfig:
     token_cutoff: float = 0.0  # training rows: hide this share of their tokens (augmentation)
     ema_decay: float = 0.0  # > 0: evaluate, select and export an EMA of the params (0.999)
     rdrop_alpha: float = 0.0  # > 0: R-Drop, two dropout passes kept consistent (2x a step)
+    adversarial_epsilon: float = 0.0  # > 0: adversarial word embeddings (FGM; 2x a step)
     uncertainty_weighting: bool = False  # learn task weights (Kendall et al. 2018)
     eval_every: int = 500  # steps; also at the end of each epoch
     checkpoint_every: int = 500  # steps; also at the end
@@ -270,6 +271,9 @@ class TrainConfig:
         checks += [("layer_lr_decay", 0 < self.layer_lr_decay <= 1, "in (0, 1]")]
         checks += [("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 = off)")]
         checks += [("rdrop_alpha", self.rdrop_alpha >= 0, "a number >= 0 (0 = off)")]
+        checks += [
+            ("adversarial_epsilon", self.adversarial_epsilon >= 0, "a number >= 0 (0 = off)")
+        ]
         checks += [("token_cutoff", 0 <= self.token_cutoff < 1, "in [0, 1) (0 = off)")]
         checks += [("init_seed", self.init_seed >= -1, "an integer >= 0, or -1 (train.seed)")]
         _check_fields(self, "train", checks)

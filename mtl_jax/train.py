@@ -89,6 +89,7 @@ def build_train_step(
     label_smoothing = {t.name: t.label_smoothing for t in config.tasks if t.label_smoothing}
     skip_nonfinite = config.train.skip_nonfinite
     rdrop_alpha = config.train.rdrop_alpha
+    adversarial_epsilon = config.train.adversarial_epsilon
 
     def loss_fn(params, batch, key):
         if rdrop_alpha:  # each row twice, side by side (one device's shard holds both), in
@@ -113,6 +114,11 @@ def build_train_step(
         key = jax.random.fold_in(key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, per_task)), grads = grad_fn(state.params, batch, key)
+        if adversarial_epsilon:  # the mean of the clean and the adversarial gradient
+            perturbed = fgm_perturbed(state.params, grads, adversarial_epsilon)
+            (adversarial_loss, _), adversarial_grads = grad_fn(perturbed, batch, key)
+            grads = jax.tree.map(lambda a, b: 0.5 * (a + b), grads, adversarial_grads)
+            loss = jnp.where(jnp.isfinite(adversarial_loss), loss, adversarial_loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -141,6 +147,30 @@ def build_train_step(
         return new_state, metrics
 
     return train_step
+
+
+WORD_EMBEDDINGS = ("backbone", "embeddings", "word_embeddings", "embedding")
+
+
+def fgm_perturbed(params: Any, grads: Any, epsilon: float) -> Any:
+    """``params`` with the word-embedding table moved ``epsilon`` along its loss gradient.
+
+    The fast gradient method on embeddings (Miyato et al. 2017, in the form common for BERT
+    fine-tuning): the step is ``epsilon * g / ||g||`` with ``g`` the table's gradient, so
+    only the rows of the batch's tokens move, and by ``epsilon`` in all (L2). The table
+    is perturbed wherever it lives: a frozen table is perturbed too, it just never updates.
+    """
+    *outer, leaf = WORD_EMBEDDINGS
+    table_grad = functools.reduce(lambda tree, key: tree[key], WORD_EMBEDDINGS, grads)
+    table_grad = table_grad.astype(jnp.float32)
+    step = epsilon * table_grad / (jnp.linalg.norm(table_grad) + 1e-12)
+    moved = dict(params)
+    node = moved
+    for key in outer:  # copy the path down to the table; every other subtree is shared
+        node[key] = dict(node[key])
+        node = node[key]
+    node[leaf] = (node[leaf] + step).astype(node[leaf].dtype)
+    return moved
 
 
 def rdrop_pairs(batch: Batch) -> dict[str, Any]:

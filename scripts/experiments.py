@@ -302,6 +302,9 @@ ROWS = {
         "train.eval_every=2000",
         tasks="sentiment",
     ),
+    # Round 19: adversarial word embeddings (the fast gradient method, 2x a step) on
+    # sentiment alone for one epoch, against `best-sentiment-only` (89.8).
+    "best-sentiment-only-fgm1": real(*BEST, "train.adversarial_epsilon=1.0", tasks="sentiment"),
     # Round 16: a third draw of the 2-epoch variant, to settle 2 or 3 epochs for the preset
     # (two draws each end level: 89.05 / 40.15 in 2 epochs, 88.8 / 39.4 in 3) ...
     "real-context2-2ep-seed2": preset(*CONTEXT2_2EP, "train.seed=2"),

@@ -465,6 +465,9 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     )
     assert configs["stage2-phrases-651"].task("sentiment") == preset.task("sentiment")
     alone = configs["best-sentiment-only"]
+    assert configs["best-sentiment-only-fgm1"] == dataclasses.replace(
+        alone, train=dataclasses.replace(alone.train, adversarial_epsilon=1.0)
+    )
     assert configs["best-sentiment-only-batch16"] == dataclasses.replace(
         alone,
         train=dataclasses.replace(

@@ -265,6 +265,11 @@ CONFIG_CASES = {
         ["train.rdrop_alpha=-1"],
         ["config key 'train.rdrop_alpha': expected a number >= 0 (0 = off), got -1"],
     ),
+    "negative adversarial epsilon": (
+        None,
+        ["train.adversarial_epsilon=-0.5"],
+        ["config key 'train.adversarial_epsilon': expected a number >= 0 (0 = off), got -0.5"],
+    ),
     "R-Drop without dropout": (  # the demo's backbone is deterministic, its heads too now
         None,
         ["tasks.genre.dropout=0", "train.rdrop_alpha=1"],
