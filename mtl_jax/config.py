@@ -286,6 +286,7 @@ class TrainConfig:
                 ("unfreeze_every", spec.kind == "gradual", gradual),
                 ("unfreeze_unit", spec.kind == "gradual", gradual),
                 ("layer_lr_decay", spec.trains_backbone, some_layer),
+                ("adversarial_epsilon", spec.trains_backbone, some_layer),
             ],
         )
 

@@ -45,8 +45,6 @@ def cache_blockers(config: Config) -> list[str]:
         reasons.append("model.backbone_dropout = true makes every forward pass different")
     if config.train.token_cutoff:
         reasons.append("train.token_cutoff > 0 hides different tokens at every step")
-    if config.train.adversarial_epsilon:
-        reasons.append("train.adversarial_epsilon > 0 perturbs the word embeddings every step")
     for task in config.tasks:
         if task.own_layers:
             reasons.append(

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mtl_jax import features, freezing
+from mtl_jax import freezing
 from mtl_jax.config import TrainConfig
 from mtl_jax.forward import model_forward
 from mtl_jax.train import (
@@ -124,13 +124,3 @@ def test_training_with_adversarial_embeddings_fits_the_batch(tiny_config, tiny_m
         losses.append(float(metrics["loss"]))
         assert bool(metrics["finite"])
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
-
-
-def test_adversarial_embeddings_block_the_cache(tiny_config):
-    frozen = dataclasses.replace(tiny_config, train=TrainConfig(freeze="backbone"))
-    frozen = replace_model(frozen, backbone_dropout=False)
-    assert features.can_cache(frozen)
-    cfg = dataclasses.replace(frozen, train=TrainConfig(freeze="backbone", adversarial_epsilon=1.0))
-    assert features.cache_blockers(cfg) == [
-        "train.adversarial_epsilon > 0 perturbs the word embeddings every step"
-    ]

@@ -270,6 +270,14 @@ CONFIG_CASES = {
         ["train.adversarial_epsilon=-0.5"],
         ["config key 'train.adversarial_epsilon': expected a number >= 0 (0 = off), got -0.5"],
     ),
+    "adversarial epsilon with a frozen backbone": (  # its gradient never reaches the table
+        None,
+        ["train.adversarial_epsilon=1"],
+        [
+            "config key 'train.adversarial_epsilon' = 1.0 would be ignored",
+            "a train.freeze that trains backbone layers",
+        ],
+    ),
     "R-Drop without dropout": (  # the demo's backbone is deterministic, its heads too now
         None,
         ["tasks.genre.dropout=0", "train.rdrop_alpha=1"],
