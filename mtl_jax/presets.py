@@ -54,6 +54,9 @@ def real(data_dir: str | Path | None = None) -> Config:
     - genre reads each sentence with up to two sentences before and after it from the same
       Brown text (``context = 2`` by ``source_id``): one sentence often carries no genre,
       its passage does;
+    - genre reads its own copy of the encoder's top layer (``own_layers = 1``), which
+      sentiment's loss does not move: over three draws genre ends 2.3 macro-F1 higher and
+      SST-2 level, for about a tenth to a fifth more time per step;
     - an EMA of the weights (decay 0.999), which the run evaluates, keeps as ``best/`` and
       exports: steadier evaluations and a better ``best/``;
     - nine length buckets: most batches are short phrases, and padding them to 8, 12 or 24
@@ -64,7 +67,7 @@ def real(data_dir: str | Path | None = None) -> Config:
     directory = Path(data_dir or os.environ.get(DATA_DIR_ENV) or "../shared/data")
     genre, sentiment = data_folder_tasks(directory, sentiment_train="sst2_phrases")
     genre = dataclasses.replace(
-        genre, class_weighting="balanced", context=2, source_column="source_id"
+        genre, class_weighting="balanced", context=2, source_column="source_id", own_layers=1
     )
     tasks = (genre, sentiment)
     return Config(

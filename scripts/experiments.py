@@ -67,15 +67,26 @@ ROUND1_PRESET = (
 )
 
 
+# Round 19 gave the preset's genre its own copy of the encoder's top layer (round 18's
+# lever); the rows measured before it read genre from the shared top layer.
+ROUND18_SHARED_TOP = "tasks.genre.own_layers=0"
+
+
+def preset_round18(*sets: str, tasks: str = "") -> list[str]:
+    """``--preset real`` as rounds 11-18 ran it (genre reads the shared top layer), and
+    ``--set`` overrides."""
+    return preset(ROUND18_SHARED_TOP, *sets, tasks=tasks)
+
+
 def preset_round10(*sets: str, tasks: str = "") -> list[str]:
     """``--preset real`` with the length buckets, sentences and epochs of rounds 1-10, and
     ``--set`` overrides."""
-    return preset(ROUND10_BUCKETS, *ROUND11_SENTENCES, ROUND13_EPOCHS, *sets, tasks=tasks)
+    return preset_round18(ROUND10_BUCKETS, *ROUND11_SENTENCES, ROUND13_EPOCHS, *sets, tasks=tasks)
 
 
 def real(*sets: str, tasks: str = "") -> list[str]:
     """A study row: the round-1 ``real`` preset with ``--set`` overrides."""
-    return preset(*ROUND1_PRESET, *sets, tasks=tasks)
+    return preset_round18(*ROUND1_PRESET, *sets, tasks=tasks)
 
 
 # The model-quality study: sentiment on GLUE's 67k SST-2 phrases (scored on the same
@@ -111,7 +122,7 @@ UNC_SEED1_EXPORT = "runs/stage2/unc-seed1-export"  # of real-context2-2ep-uncert
 def after_preset(export: str, *sets: str) -> list[str]:
     """Sentiment alone on ``export`` (a finished preset run's encoder, exported up to its
     pooled layer, so that layer is its last) from a new head, at a fine-tuning rate."""
-    return preset(
+    return preset_round18(
         f'model.backbone="{export}"',
         "model.layer=-1",
         "train.learning_rate=2e-5",
@@ -240,7 +251,7 @@ ROWS = {
     # Round 11: the preset's batches padded to finer lengths (9 buckets, not 4): the same
     # batches of the same rows in the same order, with 22 % of the padded tokens padding
     # instead of 42 % (only BERT's dropout masks differ, being drawn per padded shape).
-    "real-fine-buckets": preset(
+    "real-fine-buckets": preset_round18(
         *ROUND11_SENTENCES,
         "data.length_buckets=[8, 12, 16, 24, 32, 48, 64, 96, 128]",
         ROUND13_EPOCHS,
@@ -251,13 +262,13 @@ ROWS = {
     **genre2_seeds("genre2-context1", *GENRE_CONTEXT1),
     "best-balanced-context1": real(*BEST, BALANCED, *GENRE_CONTEXT1),
     # Round 12: the windows over the preset's 4 epochs (the preset since: `real`'s command).
-    "real-context1": preset(*GENRE_CONTEXT1, ROUND13_EPOCHS),
+    "real-context1": preset_round18(*GENRE_CONTEXT1, ROUND13_EPOCHS),
     # ... and two neighbours per side, genre alone (about 1.6 times genre's tokens again).
     **genre2_seeds("genre2-context2", *GENRE_CONTEXT2),
     # Round 13: four times the batch (128 rows; 620 steps an epoch), the learning rate
     # scaled by its square root, warmup, EMA horizon and evaluations kept at the same rows
     # seen: published small-model SST-2 recipes train at batch 256.
-    "real-batch128": preset(
+    "real-batch128": preset_round18(
         *GENRE_CONTEXT1,
         ROUND13_EPOCHS,
         "train.batch_size=128",
@@ -277,11 +288,11 @@ ROWS = {
     # Round 14: two neighbours per side for genre (+5.5 alone over three seeds) paid for
     # with three epochs instead of four (genre peaks in its first; about 98 minutes at four):
     # the preset of rounds 14-15.
-    "real-context2-3ep": preset(*CONTEXT2_3EP),
+    "real-context2-3ep": preset_round18(*CONTEXT2_3EP),
     # ... and in two epochs: genre drifts down after its first epoch, the shorter schedule
     # anneals the rate while genre is near its peak (round 8 without windows: genre +5).
     # The preset since round 16 (three draws of it end higher on both tasks than two of 3).
-    "real-context2-2ep": preset(*CONTEXT2_2EP),
+    "real-context2-2ep": preset_round18(*CONTEXT2_2EP),
     # Sentiment alone for one epoch without BERT's dropout (the heads draw none):
     # a deterministic fine-tune, against `best-sentiment-only` (89.8).
     "best-sentiment-only-nodropout": real(*BEST, "model.backbone_dropout=false", tasks="sentiment"),
@@ -289,8 +300,8 @@ ROWS = {
     "best-sentiment-only-head512": real(*BEST, "tasks.sentiment.hidden=[512]", tasks="sentiment"),
     # Round 15: a second draw of the round-14 preset (another shuffle, dropout and heads'
     # initial weights): how much of its end (88.8 / 41.0) is the draw; and of the 2-epoch one.
-    "real-context2-3ep-seed1": preset(*CONTEXT2_3EP, "train.seed=1"),
-    "real-context2-2ep-seed1": preset(*CONTEXT2_2EP, "train.seed=1"),
+    "real-context2-3ep-seed1": preset_round18(*CONTEXT2_3EP, "train.seed=1"),
+    "real-context2-2ep-seed1": preset_round18(*CONTEXT2_2EP, "train.seed=1"),
     # ... and half the batch on sentiment alone for one epoch, against `best-sentiment-only`
     # (89.8): twice the updates, the rate scaled by the square root, warmup and evaluations
     # at the same rows seen (round 13 measured four times the batch).
@@ -307,19 +318,21 @@ ROWS = {
     "best-sentiment-only-fgm1": real(*BEST, "train.adversarial_epsilon=1.0", tasks="sentiment"),
     # Round 16: a third draw of the 2-epoch variant, to settle 2 or 3 epochs for the preset
     # (two draws each end level: 89.05 / 40.15 in 2 epochs, 88.8 / 39.4 in 3) ...
-    "real-context2-2ep-seed2": preset(*CONTEXT2_2EP, "train.seed=2"),
+    "real-context2-2ep-seed2": preset_round18(*CONTEXT2_2EP, "train.seed=2"),
     # ... and the learned task weights in it (+0.7 SST-2 over 2 epochs without windows,
     # round 9; over 4 epochs they did not hold, round 10).
-    "real-context2-2ep-uncertainty": preset(*CONTEXT2_2EP, "train.uncertainty_weighting=true"),
+    "real-context2-2ep-uncertainty": preset_round18(
+        *CONTEXT2_2EP, "train.uncertainty_weighting=true"
+    ),
     # The preset trains 2 epochs since. The learned weights ended genre 3.9 points above
     # the preset with the same seed (45.3 against 41.4), SST-2 level: a second draw.
-    "real-context2-2ep-uncertainty-seed1": preset(
+    "real-context2-2ep-uncertainty-seed1": preset_round18(
         *CONTEXT2_2EP, "train.uncertainty_weighting=true", "train.seed=1"
     ),
     # Round 17: multi- against single-task at the 2-epoch preset's budget, each task alone
     # for the preset's 2 epochs of its own data (round 3's rows measured the 4-epoch one).
-    "real-context2-2ep-sentiment-only": preset(*CONTEXT2_2EP, tasks="sentiment"),
-    "real-context2-2ep-genre-only": preset(*CONTEXT2_2EP, tasks="genre"),
+    "real-context2-2ep-sentiment-only": preset_round18(*CONTEXT2_2EP, tasks="sentiment"),
+    "real-context2-2ep-genre-only": preset_round18(*CONTEXT2_2EP, tasks="genre"),
     # A last stage on SST-2's 6,920 training sentences (what dev is: whole sentences) after
     # the preset, against as many more steps on the phrases; first run `mtl-jax export
     # --checkpoint runs/experiments/ROW --output EXPORT`. Run in runs/stage2/ (round 17).
@@ -337,16 +350,16 @@ ROWS = {
     ),
     # ... and the preset computing in bfloat16, as the README suggests on a GPU or TPU
     # (params and optimiser state stay float32): does it keep the scores?
-    "real-context2-2ep-bf16": preset(*CONTEXT2_2EP, 'model.dtype="bfloat16"'),
+    "real-context2-2ep-bf16": preset_round18(*CONTEXT2_2EP, 'model.dtype="bfloat16"'),
     # Round 18: genre reads its own copy of the encoder's top layer, which sentiment does
     # not train (jointly genre peaks early, then drifts ~6 points below genre alone while
     # sentiment trains on). Two draws, against the preset's 41.4 and 38.9 with these seeds.
-    "real-context2-2ep-genre-own1": preset(*CONTEXT2_2EP, "tasks.genre.own_layers=1"),
-    "real-context2-2ep-genre-own1-seed1": preset(
+    "real-context2-2ep-genre-own1": preset_round18(*CONTEXT2_2EP, "tasks.genre.own_layers=1"),
+    "real-context2-2ep-genre-own1-seed1": preset_round18(
         *CONTEXT2_2EP, "tasks.genre.own_layers=1", "train.seed=1"
     ),
     # Two draws ended 89.1 / 41.8 against the preset's 89.05 / 40.15: a third decides.
-    "real-context2-2ep-genre-own1-seed2": preset(
+    "real-context2-2ep-genre-own1-seed2": preset_round18(
         *CONTEXT2_2EP, "tasks.genre.own_layers=1", "train.seed=2"
     ),
 }

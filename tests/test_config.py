@@ -352,7 +352,9 @@ def test_the_study_rows_still_train_the_round1_real_preset(monkeypatch):
         ),
         train=TrainConfig(freeze="none", epochs=3, batch_size=32, warmup_steps=200, eval_every=500),
     )
-    assert apply_overrides(real(), list(experiments.ROUND1_PRESET)) == round1
+    pins = [experiments.ROUND18_SHARED_TOP, *experiments.ROUND1_PRESET]
+    assert apply_overrides(real(), pins) == round1
+    assert experiments.real() == experiments.preset(*pins)
 
 
 def test_every_study_row_builds_a_valid_config(monkeypatch):
@@ -367,10 +369,14 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
         return resolve_train_config(args)
 
     configs = {name: config_of(name) for name in experiments.ROWS}
-    preset = real("data")
-    assert configs["real"] == configs["real-context2-2ep"] == preset
-    genre = preset.task("genre")
-    assert (genre.context, genre.source_column, preset.train.epochs) == (2, "source_id", 2)
+    current = real("data")  # since round 19: genre reads its own copy of the top layer
+    assert configs["real"] == configs["real-context2-2ep-genre-own1"] == current
+    genre = current.task("genre")
+    assert (genre.context, genre.source_column, genre.own_layers) == (2, "source_id", 1)
+    assert current.train.epochs == 2
+    genre = dataclasses.replace(genre, own_layers=0)  # rounds 11-18: the shared top layer
+    preset = dataclasses.replace(current, tasks=(genre, current.task("sentiment")))
+    assert configs["real-context2-2ep"] == preset
     four_epochs = dataclasses.replace(preset.train, epochs=4)  # rounds 4-13
     round13 = dataclasses.replace(
         preset,
