@@ -24,6 +24,7 @@ they assert nothing.
   python scripts/benchmark.py --suite encode --dtype bfloat16 --rounds 2 \
       --compare-pytorch /tmp/ptvenv/bin/python --encode-baselines st st-bf16 onnx-qint8
   python scripts/benchmark.py --suite train --seq-len 128 --profile 5:8   # runs/profile/train
+  python scripts/benchmark.py --suite train-real --set tasks.genre.own_layers=1
 
 --profile START:END traces those calls of the suite's step (counted from 0: the compile
 steps first, then each round's warm-up and timed steps) with jax.profiler into
@@ -115,6 +116,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--peak-dtype", default="float32", choices=["float32", "bfloat16"], help="the MFU's peak"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting, as mtl-jax train --set takes it (tasks.genre.own_layers=1)",
+    )
     p.add_argument(
         "--profile",
         metavar="START:END",
@@ -227,6 +236,7 @@ def make_options(args: argparse.Namespace, data_dir: str, profile: tuple[int, in
         seed=args.seed,
         profile=profile,
         profile_dir=args.profile_dir,
+        overrides=tuple(args.overrides),
     )
 
 

@@ -97,6 +97,27 @@ def test_benchmark_script_prints_one_json_line_per_result():
     assert set(result["step_s"]) >= {"min", "median", "max"}
 
 
+def test_set_reaches_every_suites_config_and_a_bad_setting_exits_2(capsys):
+    """--set KEY=VALUE times a config setting the flags do not name (A/B: with and without)."""
+    opts = bench.Options(
+        backbone="tiny", overrides=("tasks.genre.own_layers=1", "train.adversarial_epsilon=0.5")
+    )
+    config = opts.config()
+    assert config.task("genre").own_layers == 1 and config.train.adversarial_epsilon == 0.5
+    assert bench.Options(backbone="tiny").config().task("genre").own_layers == 0
+    script = load_script("benchmark")
+    out = io.StringIO()
+    argv = ["--model", "tiny", "--suite", "train", "--seq-len", "16", "--steps", "1"]
+    argv += ["--warmup", "0", "--batch", "4", "--peak-size", "256"]
+    with redirect_stdout(out):
+        assert script.main([*argv, "--set", "tasks.genre.own_layers=1"]) == 0
+    assert json.loads(out.getvalue())["overrides"] == ["tasks.genre.own_layers=1"]
+    # FGM with a frozen backbone is refused by the config, in one line, before any work.
+    assert script.main([*argv, "--freeze", "backbone", "--set", "train.adversarial_epsilon=1"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: config key 'train.adversarial_epsilon' = 1.0 would be ignored")
+
+
 def test_matmul_peak_is_measured_in_a_child_process_on_cpu(monkeypatch):
     """The limit an MFU is taken against; its operands must not count in our peak RSS."""
     calls = []

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from mtl_jax.config import Config
+from mtl_jax.config_io import apply_overrides
 from mtl_jax.freezing import backbone_trainable, make_optimizer
 from mtl_jax.model import build_model, init_params
 from mtl_jax.profiling import StepProfiler
@@ -49,6 +50,7 @@ class Options:
     seed: int = 0
     profile: tuple[int, int] | None = None  # (start, end) steps, see Suite.profiled
     profile_dir: str = "runs/profile"
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE: config settings the flags do not name
 
     def config(self, **overrides: Any) -> Config:
         """:func:`bench_config` of these options, with a suite's own ``overrides``."""
@@ -64,7 +66,8 @@ class Options:
             "buckets": self.buckets,
             "data_dir": self.data_dir,
         }
-        return bench_config(**{**settings, **overrides})
+        config = bench_config(**{**settings, **overrides})
+        return apply_overrides(config, list(self.overrides)).validate()
 
 
 class Suite:
@@ -121,6 +124,7 @@ class Suite:
             "remat": config.model.remat,
             "remat_min_length": config.model.remat_min_length,
             "backbone_dropout": config.model.backbone_dropout,
+            "overrides": list(self.opts.overrides),
             "device": device_name(),
             "peak_gflops": self.peak,
         }
