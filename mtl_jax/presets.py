@@ -49,14 +49,14 @@ def real(data_dir: str | Path | None = None) -> Config:
     - full fine-tuning for 2 epochs, the backbone at 1e-4 after 200 warm-up steps (the heads
       at the default 1e-3): genre peaks in its first epoch and sentiment gains nothing
       from a third (over three draws 2 epochs end a little higher on both tasks than two
-      draws of 3), and the run takes 46-48 minutes on a 2-core CPU;
+      draws of 3), and the run takes about 50 minutes on a 2-core CPU;
     - class-balanced genre weights: about 4 macro-F1 points at no cost to SST-2;
     - genre reads each sentence with up to two sentences before and after it from the same
       Brown text (``context = 2`` by ``source_id``): one sentence often carries no genre,
       its passage does;
     - genre reads its own copy of the encoder's top layer (``own_layers = 1``), which
       sentiment's loss does not move: over three draws genre ends 2.3 macro-F1 higher and
-      SST-2 level, for about a tenth to a fifth more time per step;
+      SST-2 level, for 6-10 % more time;
     - an EMA of the weights (decay 0.999), which the run evaluates, keeps as ``best/`` and
       exports: steadier evaluations and a better ``best/``;
     - nine length buckets: most batches are short phrases, and padding them to 8, 12 or 24
