@@ -374,6 +374,10 @@ def test_every_study_row_builds_a_valid_config(monkeypatch):
     genre = current.task("genre")
     assert (genre.context, genre.source_column, genre.own_layers) == (2, "source_id", 1)
     assert current.train.epochs == 2
+    own2 = dataclasses.replace(genre, own_layers=2)
+    assert configs["real-genre-own2"] == dataclasses.replace(
+        current, tasks=(own2, current.task("sentiment"))
+    )
     genre = dataclasses.replace(genre, own_layers=0)  # rounds 11-18: the shared top layer
     preset = dataclasses.replace(current, tasks=(genre, current.task("sentiment")))
     assert configs["real-context2-2ep"] == preset
